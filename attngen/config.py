@@ -1,0 +1,66 @@
+"""The only module that reads environment variables. Each knob is typed and documented.
+
+ATTNGEN_CACHE_DIR     where built kernels live (default: the platform's user cache dir).
+ATTNGEN_CC            C compiler to use (default: $CC, else gcc, else cc).
+ATTNGEN_ISA           force an instruction set: avx512, avx2 or generic (default: detected).
+ATTNGEN_NUM_THREADS   default OpenMP thread count of a kernel call (default: all cores).
+ATTNGEN_LOCK_TIMEOUT  seconds to wait for another process building the same kernel (600).
+ATTNGEN_EXTRA_CFLAGS  extra compiler flags, appended (and hashed into the cache key).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+ISAS = ("avx512", "avx2", "generic")
+
+
+def _get(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def cache_dir() -> Path:
+    override = _get("ATTNGEN_CACHE_DIR")
+    if override:
+        return Path(override).expanduser().resolve()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("attngen"))
+
+
+def compiler() -> str:
+    """Name or path of the C compiler."""
+    for candidate in (_get("ATTNGEN_CC"), _get("CC")):
+        if candidate:
+            return candidate
+    return "gcc" if shutil.which("gcc") else "cc"
+
+
+def forced_isa() -> str | None:
+    isa = _get("ATTNGEN_ISA")
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"ATTNGEN_ISA must be one of {ISAS}, got {isa!r}")
+    return isa
+
+
+def default_num_threads() -> int:
+    value = _get("ATTNGEN_NUM_THREADS")
+    if value is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(value)
+    if threads < 1:
+        raise ValueError(f"ATTNGEN_NUM_THREADS must be >= 1, got {value!r}")
+    return threads
+
+
+def lock_timeout() -> float:
+    value = _get("ATTNGEN_LOCK_TIMEOUT")
+    return float(value) if value is not None else 600.0
+
+
+def extra_cflags() -> list[str]:
+    value = _get("ATTNGEN_EXTRA_CFLAGS")
+    return shlex.split(value) if value else []

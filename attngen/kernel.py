@@ -1,0 +1,387 @@
+"""Kernel: a loaded library plus the one generic wrapper every variant is called through.
+
+The wrapper checks dtypes, shapes, strides and lengths against the spec and raises a clear
+ValueError/TypeError before any pointer reaches C; then it passes zero-copy pointers.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import cffi
+import numpy as np
+
+from . import cache, config
+from .errors import AttngenError
+from .spec import AttentionSpec
+
+CDEF = """
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    float *lse;
+    int64_t batch, heads_q, heads_kv, seq_q, seq_kv;
+    int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
+    const int32_t *kv_lens;
+    const int32_t *block_table;
+    int64_t block_table_stride, page_size;
+    float scale, softcap;
+    int64_t window, prefix_len;
+    const int32_t *doc_ids;
+    int64_t doc_stride;
+    const float *bias;
+    int64_t bias_stride[4];
+    const float *alibi_slopes;
+    const float *sinks;
+    int32_t num_threads;
+    int32_t num_splits;
+} attngen_params;
+int attngen_run(const attngen_params *p);
+const char *attngen_slug(void);
+"""
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+
+_NUMPY_DTYPE = {"f32": np.dtype(np.float32)}
+LAYOUTS = ("bhsd", "bshd")
+
+
+def as_array(x, name: str) -> np.ndarray:
+    """A zero-copy numpy view of an array-like on the CPU (numpy, DLPack, buffer protocol)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if hasattr(x, "__dlpack__") and not hasattr(x, "__array_interface__"):
+        detach = getattr(x, "detach", None)   # torch tensors that require grad
+        try:
+            return np.from_dlpack(detach() if detach else x)
+        except (TypeError, RuntimeError, BufferError) as exc:
+            raise TypeError(f"{name}: cannot view {type(x).__name__} as a CPU array "
+                            f"without copying ({exc})") from None
+    return np.asarray(x)
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _ptr(ctype: str, array: np.ndarray | None):
+    return ffi.NULL if array is None else ffi.cast(ctype, array.ctypes.data)
+
+
+def _element_strides(array: np.ndarray, name: str) -> tuple[int, ...]:
+    """Strides in elements; the last dimension must be contiguous."""
+    itemsize = array.itemsize
+    if array.shape[-1] > 1 and array.strides[-1] != itemsize:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride "
+                         f"{itemsize} bytes), got strides {array.strides}; "
+                         f"pass np.ascontiguousarray({name}) or a view whose last axis is dense")
+    if any(s % itemsize for s in array.strides):
+        raise ValueError(f"{name} has strides {array.strides} that are not multiples of its "
+                         f"item size {itemsize}")
+    return tuple(s // itemsize for s in array.strides)
+
+
+def _int_array(x, name: str, shape: tuple) -> np.ndarray:
+    """A small int32 argument (lengths, ids, tables): converted (copied) and checked."""
+    array = as_array(x, name)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
+    if array.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
+    if array.size and (array.max() > np.iinfo(np.int32).max or array.min() < np.iinfo(np.int32).min):
+        raise ValueError(f"{name} values must fit in int32")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+def _float_vector(x, name: str, length: int) -> np.ndarray:
+    array = as_array(x, name)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
+    if array.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},) (one value per query head), "
+                         f"got {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+class Kernel:
+    """A compiled attention kernel for one AttentionSpec. Call it like attngen.attention."""
+
+    def __init__(self, spec: AttentionSpec, entry: cache.CacheEntry):
+        self.spec = spec
+        self.entry = entry
+        try:
+            self._lib = ffi.dlopen(str(entry.library_path))
+        except OSError:
+            # Valid-looking but unloadable: replace it (once) and load the new one.
+            entry = cache.lookup(spec, broken_library_sha256=entry.meta["library_sha256"])
+            self.entry = entry
+            self._lib = ffi.dlopen(str(entry.library_path))
+        loaded = ffi.string(self._lib.attngen_slug()).decode()
+        if loaded != spec.slug:
+            raise AttngenError(f"library {entry.library_path} is {loaded!r}, expected {spec.slug!r}")
+
+    @property
+    def was_cached(self) -> bool:
+        return self.entry.was_cached
+
+    @property
+    def build_seconds(self) -> float:
+        return self.entry.build_seconds
+
+    @property
+    def source(self) -> str:
+        return self.entry.source_path.read_text()
+
+    def __repr__(self):
+        return f"<attngen.Kernel {self.spec.slug} at {self.entry.directory}>"
+
+    def __call__(self, q, k, v, *, scale=None, causal=False, window=None, prefix_len=None,
+                 document_ids=None, bias=None, alibi=None, softcap=None, sinks=None,
+                 return_lse=False, layout="bhsd", out=None, num_threads=None,
+                 kv_lens=None, block_table=None):
+        spec = self.spec
+        torch_in = _is_torch(q)
+        q_arr, k_arr, v_arr = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
+        dtype = _NUMPY_DTYPE[spec.dtype]
+        for name, array in (("q", q_arr), ("k", k_arr), ("v", v_arr)):
+            if array.dtype != dtype:
+                raise TypeError(f"{name} must be {dtype} for this kernel (spec dtype "
+                                f"{spec.dtype}), got {array.dtype}")
+            if array.ndim != 4:
+                raise ValueError(f"{name} must have rank 4, got shape {array.shape}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        paged = spec.kv_layout == "paged"
+        if paged != (block_table is not None):
+            raise ValueError(f"kernel {spec.slug} is for a {spec.kv_layout} KV cache: "
+                             + ("block_table is required" if paged else
+                                "block_table is only accepted by a paged kernel"))
+
+        # Logical views: q [B, Hq, Sq, D]; k, v [B|pages, Hkv, S|page_size, D].
+        qv = q_arr if layout == "bhsd" else q_arr.transpose(0, 2, 1, 3)
+        if paged:
+            kv, vv = k_arr, v_arr   # pages are always [num_pages, Hkv, page_size, D]
+        else:
+            kv, vv = (k_arr, v_arr) if layout == "bhsd" else (
+                k_arr.transpose(0, 2, 1, 3), v_arr.transpose(0, 2, 1, 3))
+        B, Hq, Sq, D = qv.shape
+        Hkv, Skv = kv.shape[1], kv.shape[2]
+        if D != spec.head_dim:
+            raise ValueError(f"q head size (last dimension) must be {spec.head_dim} for kernel "
+                             f"{spec.slug}, got {D}")
+        if kv.shape != vv.shape:
+            raise ValueError(f"k and v must have the same shape, got {k_arr.shape} and {v_arr.shape}")
+        if kv.shape[3] != D:
+            raise ValueError(f"k head size must equal q's ({D}), got {kv.shape[3]}")
+        if Hkv == 0 or Hq % Hkv:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+        if Hq // Hkv != spec.gqa:
+            raise ValueError(f"kernel {spec.slug} has GQA group {spec.gqa}, but q has {Hq} heads "
+                             f"and k has {Hkv} (group {Hq // Hkv})")
+        if not paged and kv.shape[0] != B:
+            raise ValueError(f"k batch size must equal q's ({B}), got {kv.shape[0]}")
+
+        params = ffi.new("attngen_params *")
+        keep = []   # arrays whose memory the kernel reads: alive until it returns
+
+        # KV lengths and paging.
+        lens = None
+        if paged:
+            if kv_lens is None:
+                raise ValueError("kv_lens is required with a paged KV cache (block_table)")
+            num_pages, page_size = kv.shape[0], Skv
+            table = as_array(block_table, "block_table")
+            if table.ndim != 2 or table.shape[0] != B:
+                raise ValueError(f"block_table must have shape [B={B}, max_pages], got {table.shape}")
+            table = _int_array(table, "block_table", table.shape)
+            capacity = table.shape[1] * page_size
+        else:
+            capacity = Skv
+        if kv_lens is not None:
+            lens = _int_array(kv_lens, "kv_lens", (B,))
+            if B and lens.min() < Sq:
+                raise ValueError(f"kv_lens must be >= Sq={Sq} (they count the new tokens), "
+                                 f"got min {int(lens.min())}")
+            if B and lens.max() > capacity:
+                raise ValueError(f"kv_lens must be <= the cache capacity {capacity}, "
+                                 f"got max {int(lens.max())}")
+            keep.append(lens)
+        if paged:
+            pages_needed = (lens.astype(np.int64) + page_size - 1) // page_size
+            for b in range(B):
+                used = table[b, :pages_needed[b]]
+                if used.size and (used.min() < 0 or used.max() >= num_pages):
+                    bad = used[(used < 0) | (used >= num_pages)][0]
+                    raise ValueError(f"block_table[{b}] refers to page {int(bad)}, outside "
+                                     f"0..{num_pages - 1} (num_pages={num_pages})")
+            keep.append(table)
+            params.block_table = _ptr("const int32_t *", table)
+            params.block_table_stride = table.shape[1]
+            params.page_size = page_size
+
+        # Mask arguments must match what the kernel was built for.
+        self._check_mask_args(causal, window, prefix_len, document_ids)
+        if spec.mask == "window":
+            if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+                raise ValueError(f"window must be an int >= 1, got {window!r}")
+            params.window = int(window)
+        if spec.mask == "prefix":
+            if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, np.integer)) or prefix_len < 0:
+                raise ValueError(f"prefix_len must be an int >= 0, got {prefix_len!r}")
+            params.prefix_len = int(prefix_len)
+        if spec.documents:
+            if kv_lens is None and Sq != Skv:
+                raise ValueError(f"document_ids needs Sq == Skv, got Sq={Sq}, Skv={Skv}")
+            docs = _int_array(document_ids, "document_ids", (B, capacity))
+            keep.append(docs)
+            params.doc_ids = _ptr("const int32_t *", docs)
+            params.doc_stride = capacity
+
+        # Score modifications.
+        if scale is None:
+            scale = 1.0 / math.sqrt(D)
+        if not isinstance(scale, (int, float, np.floating, np.integer)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        params.scale = float(scale)
+        if spec.softcap != (softcap is not None):
+            raise ValueError(f"kernel {spec.slug} was built with softcap={spec.softcap}, "
+                             f"got softcap={softcap!r}")
+        if spec.softcap:
+            if not isinstance(softcap, (int, float, np.floating)) or not softcap > 0 or not math.isfinite(softcap):
+                raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+            params.softcap = float(softcap)
+        wants_tensor = spec.bias in ("tensor", "tensor+alibi")
+        wants_alibi = spec.bias in ("alibi", "tensor+alibi")
+        if wants_tensor != (bias is not None):
+            raise ValueError(f"kernel {spec.slug} was built with bias={spec.bias!r}: "
+                             + ("bias is required" if wants_tensor else "bias is not accepted"))
+        has_alibi = alibi is not None and alibi is not False
+        if wants_alibi != has_alibi:
+            raise ValueError(f"kernel {spec.slug} was built with bias={spec.bias!r}: "
+                             + ("alibi is required" if wants_alibi else "alibi is not accepted"))
+        if wants_tensor:
+            bias_arr = as_array(bias, "bias")
+            if bias_arr.dtype.kind != "f":
+                raise TypeError(f"bias must be a float array, got dtype {bias_arr.dtype}")
+            if bias_arr.dtype != np.float32:
+                bias_arr = bias_arr.astype(np.float32)
+            target = (B, Hq, Sq, capacity)
+            try:
+                bias_view = np.broadcast_to(bias_arr, target)
+            except ValueError:
+                raise ValueError(f"bias of shape {bias_arr.shape} does not broadcast to "
+                                 f"[B, Hq, Sq, Skv] = {target}") from None
+            keep.append(bias_arr)
+            params.bias = _ptr("const float *", bias_view)
+            params.bias_stride = [s // 4 for s in bias_view.strides]
+        if wants_alibi:
+            if alibi is True:
+                from .reference import alibi_slopes
+                slopes = alibi_slopes(Hq).astype(np.float32)
+            else:
+                slopes = _float_vector(alibi, "alibi", Hq)
+            keep.append(slopes)
+            params.alibi_slopes = _ptr("const float *", slopes)
+        if spec.sinks != (sinks is not None):
+            raise ValueError(f"kernel {spec.slug} was built with sinks={spec.sinks}: "
+                             + ("sinks is required" if spec.sinks else "sinks is not accepted"))
+        if spec.sinks:
+            sink_arr = _float_vector(sinks, "sinks", Hq)
+            keep.append(sink_arr)
+            params.sinks = _ptr("const float *", sink_arr)
+
+        # Output (and lse).
+        out_shape = q_arr.shape
+        if out is None:
+            out_arr = np.empty(out_shape, dtype=dtype)
+            out_user = None
+        else:
+            out_user = out
+            out_arr = as_array(out, "out")
+            if out_arr.shape != out_shape or out_arr.dtype != dtype:
+                raise ValueError(f"out must be {dtype} of shape {out_shape}, got "
+                                 f"{out_arr.dtype} of shape {out_arr.shape}")
+            if not out_arr.flags.writeable:
+                raise ValueError("out must be writeable")
+        outv = out_arr if layout == "bhsd" else out_arr.transpose(0, 2, 1, 3)
+        lse = np.empty((B, Hq, Sq), dtype=np.float32) if return_lse else None
+
+        if num_threads is None:
+            num_threads = config.default_num_threads()
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+            raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+
+        params.q = _ptr("const float *", qv)
+        params.k = _ptr("const float *", kv)
+        params.v = _ptr("const float *", vv)
+        params.out = _ptr("float *", outv)
+        params.lse = _ptr("float *", lse)
+        params.batch, params.heads_q, params.heads_kv = B, Hq, Hkv
+        params.seq_q, params.seq_kv = Sq, Skv
+        params.q_stride = _element_strides(qv, "q")[:3]
+        params.k_stride = _element_strides(kv, "k")[:3]
+        params.v_stride = _element_strides(vv, "v")[:3]
+        params.out_stride = _element_strides(outv, "out")[:3]
+        params.kv_lens = _ptr("const int32_t *", lens)
+        params.num_threads = int(num_threads)
+
+        if B and Hq and Sq:
+            status = self._lib.attngen_run(params)
+            if status != 0:
+                raise MemoryError(f"kernel {spec.slug} could not allocate its scratch memory")
+        del keep
+
+        result = out_arr if out_user is None else out_user
+        if torch_in and out_user is None:
+            import torch
+            result = torch.from_numpy(out_arr)
+            lse = torch.from_numpy(lse) if lse is not None else None
+        return (result, lse) if return_lse else result
+
+    def _check_mask_args(self, causal, window, prefix_len, document_ids):
+        spec = self.spec
+        if not isinstance(causal, (bool, np.bool_)):
+            raise TypeError(f"causal must be True or False, got {causal!r}")
+        if window is not None and not causal:
+            raise ValueError("window (sliding window) needs causal=True")
+        if prefix_len is not None and not causal:
+            raise ValueError("prefix_len (prefix-LM) needs causal=True")
+        given = ("window" if window is not None else "prefix" if prefix_len is not None
+                 else "causal" if causal else "none")
+        if window is not None and prefix_len is not None:
+            raise ValueError("give at most one of window and prefix_len")
+        if given != spec.mask:
+            raise ValueError(f"kernel {spec.slug} was built for mask={spec.mask!r}, but the "
+                             f"arguments ask for mask={given!r}")
+        if spec.documents != (document_ids is not None):
+            raise ValueError(f"kernel {spec.slug} was built with documents={spec.documents}: "
+                             + ("document_ids is required" if spec.documents
+                                else "document_ids is not accepted"))
+
+
+_memo: dict = {}
+_memo_locks: dict = {}
+_memo_guard = threading.Lock()
+
+
+def get_kernel(spec: AttentionSpec) -> Kernel:
+    """The kernel for `spec`: from this process's memo, else the disk cache, else built.
+    The same spec (under the same toolchain and cache directory) gives the same object."""
+    if not isinstance(spec, AttentionSpec):
+        raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
+    from .toolchain import detect
+
+    memo_key = (spec, detect(), tuple(config.extra_cflags()), str(config.cache_dir()))
+    kernel = _memo.get(memo_key)
+    if kernel is not None:
+        return kernel
+    with _memo_guard:   # one lock per spec, so different specs build in parallel
+        lock = _memo_locks.setdefault(memo_key, threading.Lock())
+    with lock:
+        kernel = _memo.get(memo_key)
+        if kernel is None:
+            kernel = Kernel(spec, cache.lookup(spec))
+            _memo[memo_key] = kernel
+    return kernel

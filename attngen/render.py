@@ -1,0 +1,74 @@
+"""AttentionSpec -> C source, through one Jinja2 environment (StrictUndefined)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jinja2
+
+from ._version import __version__
+from .spec import AttentionSpec
+
+
+@dataclass(frozen=True)
+class IsaParams:
+    """What a template needs to know about the instruction set: register shape, not flags."""
+    name: str
+    vector_width: int   # floats per vector register
+    rows: int           # query rows per micro-kernel block
+    kcols: int          # key vectors per Q.K^T block (keys per tile = kcols * vector_width)
+    pv_chunk: int       # output vectors per P.V block
+
+    @property
+    def block_k(self) -> int:
+        return self.kcols * self.vector_width
+
+
+# Accumulators (rows x kcols and rows x pv_chunk) plus operands fit the register file:
+# 32 zmm on AVX-512, 16 ymm/xmm on AVX2 and the generic SSE/NEON build.
+ISA_PARAMS = {
+    "avx512": IsaParams("avx512", 16, 4, 4, 4),
+    "avx2": IsaParams("avx2", 8, 2, 4, 4),
+    "generic": IsaParams("generic", 4, 2, 4, 4),
+}
+# Query rows per prefill work item (the GQA group shares them); sized so the item's
+# Q, O and score blocks stay in L2.
+PREFILL_ROWS = 128
+
+
+@functools.lru_cache(maxsize=None)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("attngen", "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        lstrip_blocks=False,
+        autoescape=False,
+    )
+
+
+def template_context(spec: AttentionSpec, isa: str) -> dict:
+    params = ISA_PARAMS[isa]
+    vl = params.vector_width
+    return {
+        "spec": spec,
+        "version": __version__,
+        "isa": params,
+        "padded_head_dim": (spec.head_dim + vl - 1) // vl * vl,
+        "block_q": max(1, PREFILL_ROWS // spec.gqa),
+    }
+
+
+def render(spec: AttentionSpec, isa: str | None = None) -> str:
+    """The generated C for `spec`, for `isa` (default: the detected one)."""
+    if not isinstance(spec, AttentionSpec):
+        raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
+    if isa is None:
+        from .toolchain import detect
+
+        isa = detect().isa
+    if isa not in ISA_PARAMS:
+        raise ValueError(f"isa must be one of {tuple(ISA_PARAMS)}, got {isa!r}")
+    template = environment().get_template(f"{spec.phase}.c.j2")
+    return template.render(**template_context(spec, isa))
