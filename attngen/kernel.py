@@ -73,6 +73,8 @@ def _ptr(ctype: str, array: np.ndarray | None):
 def _element_strides(array: np.ndarray, name: str) -> tuple[int, ...]:
     """Strides in elements; the last dimension must be contiguous."""
     itemsize = array.itemsize
+    if array.size == 0:     # numpy gives empty arrays zero strides; nothing is read
+        return (0,) * array.ndim
     if array.shape[-1] > 1 and array.strides[-1] != itemsize:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride "
                          f"{itemsize} bytes), got strides {array.strides}; "
@@ -221,6 +223,8 @@ class Kernel:
             params.block_table_stride = table.shape[1]
             params.page_size = page_size
 
+        longest = int(lens.max()) if lens is not None and B else Skv if not paged else 0
+
         # Mask arguments must match what the kernel was built for.
         self._check_mask_args(causal, window, prefix_len, document_ids)
         if spec.mask == "window":
@@ -234,10 +238,14 @@ class Kernel:
         if spec.documents:
             if kv_lens is None and Sq != Skv:
                 raise ValueError(f"document_ids needs Sq == Skv, got Sq={Sq}, Skv={Skv}")
-            docs = _int_array(document_ids, "document_ids", (B, capacity))
+            docs = as_array(document_ids, "document_ids")
+            if docs.ndim != 2 or docs.shape[0] != B or docs.shape[1] < longest:
+                raise ValueError(f"document_ids must have shape [B={B}, S >= {longest}] (an id "
+                                 f"for every key position), got {docs.shape}")
+            docs = _int_array(docs, "document_ids", docs.shape)
             keep.append(docs)
             params.doc_ids = _ptr("const int32_t *", docs)
-            params.doc_stride = capacity
+            params.doc_stride = docs.shape[1]
 
         # Score modifications.
         if scale is None:
@@ -267,7 +275,12 @@ class Kernel:
                 raise TypeError(f"bias must be a float array, got dtype {bias_arr.dtype}")
             if bias_arr.dtype != np.float32:
                 bias_arr = bias_arr.astype(np.float32)
-            target = (B, Hq, Sq, capacity)
+            # The key axis is 1 (broadcast) or covers every key position.
+            key_axis = bias_arr.shape[-1] if bias_arr.ndim else 1
+            if key_axis != 1 and key_axis < longest:
+                raise ValueError(f"bias must cover every key position: its last axis must be 1 "
+                                 f"or >= {longest}, got shape {bias_arr.shape}")
+            target = (B, Hq, Sq, key_axis)
             try:
                 bias_view = np.broadcast_to(bias_arr, target)
             except ValueError:
@@ -366,14 +379,23 @@ _memo_locks: dict = {}
 _memo_guard = threading.Lock()
 
 
+def _memo_key(spec: AttentionSpec):
+    from .toolchain import detect
+
+    return (spec, detect(), tuple(config.extra_cflags()), str(config.cache_dir()))
+
+
+def loaded_kernel(spec: AttentionSpec):
+    """The kernel for `spec` if this process has already loaded it, else None."""
+    return _memo.get(_memo_key(spec))
+
+
 def get_kernel(spec: AttentionSpec) -> Kernel:
     """The kernel for `spec`: from this process's memo, else the disk cache, else built.
     The same spec (under the same toolchain and cache directory) gives the same object."""
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
-    from .toolchain import detect
-
-    memo_key = (spec, detect(), tuple(config.extra_cflags()), str(config.cache_dir()))
+    memo_key = _memo_key(spec)
     kernel = _memo.get(memo_key)
     if kernel is not None:
         return kernel

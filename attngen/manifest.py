@@ -1,0 +1,70 @@
+"""The one list of variants that `attngen build --suite` builds and the regression suite
+tests. Invalid combinations never appear: every entry is a constructed AttentionSpec."""
+from __future__ import annotations
+
+from .models import embedded_models, load_config, model_kernels
+from .spec import AttentionSpec, MAX_HEAD_DIM, MIN_HEAD_DIM
+
+# Specs rendered into generated/ (checked in, so template changes show up as C diffs).
+CANONICAL = (
+    AttentionSpec(head_dim=128, gqa=4, mask="causal"),
+    AttentionSpec(head_dim=64, gqa=8, mask="window", sinks=True),
+    AttentionSpec(head_dim=256, gqa=2, mask="window", softcap=True),
+    AttentionSpec(head_dim=64, gqa=1, mask="prefix", documents=True, bias="tensor+alibi"),
+    AttentionSpec(head_dim=128, gqa=4, mask="causal", kv_layout="paged"),
+)
+GENERATED_ISA = "avx512"   # generated/ is rendered for one fixed ISA, machine-independent
+
+
+def head_dim_specs(dtype: str = "f32") -> list[AttentionSpec]:
+    """Every supported head size (multiples of 8), causal, alternating MHA and GQA 2."""
+    return [AttentionSpec(head_dim=d, gqa=1 + (d // 8) % 2, mask="causal", dtype=dtype)
+            for d in range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1, 8)]
+
+
+def mode_specs(dtype: str = "f32") -> list[AttentionSpec]:
+    """Each mask, bias, softcap, sink and layout option alone and in useful combinations."""
+    base = dict(head_dim=64, dtype=dtype)
+    specs = []
+    for mask in ("none", "causal", "window", "prefix"):
+        for documents in (False, True):
+            specs.append(AttentionSpec(gqa=2, mask=mask, documents=documents, **base))
+    for bias in ("tensor", "alibi", "tensor+alibi"):
+        specs.append(AttentionSpec(gqa=2, mask="causal", bias=bias, **base))
+        specs.append(AttentionSpec(gqa=1, mask="none", bias=bias, **base))
+    specs += [
+        AttentionSpec(gqa=2, mask="causal", softcap=True, **base),
+        AttentionSpec(gqa=2, mask="none", sinks=True, **base),
+        AttentionSpec(gqa=4, mask="window", sinks=True, **base),
+        AttentionSpec(gqa=3, mask="window", documents=True, bias="tensor+alibi",
+                      softcap=True, sinks=True, **base),
+        AttentionSpec(gqa=3, mask="causal", **base),
+        AttentionSpec(gqa=8, mask="causal", **base),
+        AttentionSpec(gqa=16, mask="none", **base),          # MQA with 16 query heads
+        AttentionSpec(gqa=2, mask="causal", kv_layout="paged", **base),
+        AttentionSpec(gqa=2, mask="window", softcap=True, sinks=True, kv_layout="paged", **base),
+        AttentionSpec(gqa=1, mask="prefix", bias="alibi", kv_layout="paged", **base),
+    ]
+    return specs
+
+
+def model_specs(dtype: str = "f32", phases=("prefill",), kv_layouts=("contiguous",)):
+    """The kernels of every embedded model config."""
+    specs = []
+    for name in embedded_models():
+        for mk in model_kernels(load_config(name), phases=phases, kv_layouts=kv_layouts,
+                                dtype=dtype):
+            specs.append(mk.spec)
+    return specs
+
+
+def regression_specs(dtypes=("f32",)) -> list[AttentionSpec]:
+    """Everything the regression suite checks, without duplicates, in a stable order."""
+    seen, ordered = set(), []
+    for dtype in dtypes:
+        for spec in [*CANONICAL, *mode_specs(dtype), *head_dim_specs(dtype), *model_specs(dtype)]:
+            spec = spec.replace(dtype=dtype)
+            if spec not in seen:
+                seen.add(spec)
+                ordered.append(spec)
+    return ordered

@@ -1,0 +1,60 @@
+"""The functional API: layouts, strided views without copies, out=, thread count, torch."""
+import numpy as np
+import pytest
+
+import attngen
+from attngen.reference import attention_reference
+
+rng = np.random.default_rng(1)
+
+
+def test_bshd_layout_and_out_argument():
+    q = rng.standard_normal((2, 33, 6, 48)).astype(np.float32)
+    k = rng.standard_normal((2, 40, 3, 48)).astype(np.float32)
+    v = rng.standard_normal((2, 40, 3, 48)).astype(np.float32)
+    out = np.full_like(q, np.nan)
+    result = attngen.attention(q, k, v, causal=True, layout="bshd", out=out)
+    assert result is out
+    ref = attention_reference(q, k, v, causal=True, layout="bshd")
+    assert np.abs(out - ref).max() < 1e-5
+
+
+def test_strided_views_are_read_in_place():
+    # q, k, v are slices of one packed QKV buffer [B, S, 3, H, D]: no copies needed.
+    qkv = rng.standard_normal((2, 50, 3, 4, 32)).astype(np.float32)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    assert not q.flags.c_contiguous
+    out = attngen.attention(q, k, v, causal=True, layout="bshd")
+    ref = attention_reference(q, k, v, causal=True, layout="bshd")
+    assert np.abs(out - ref).max() < 1e-5
+
+
+def test_scale_argument():
+    q, k, v = (rng.standard_normal((1, 2, 20, 16)).astype(np.float32) for _ in range(3))
+    out = attngen.attention(q, k, v, scale=0.3)
+    assert np.abs(out - attention_reference(q, k, v, scale=0.3)).max() < 1e-5
+
+
+def test_alibi_slopes_given_explicitly():
+    q, k, v = (rng.standard_normal((1, 6, 20, 16)).astype(np.float32) for _ in range(3))
+    slopes = np.linspace(0.1, 1.0, 6).astype(np.float32)
+    out = attngen.attention(q, k, v, causal=True, alibi=slopes)
+    ref = attention_reference(q, k, v, causal=True, alibi=slopes)
+    assert np.abs(out - ref).max() < 1e-5
+
+
+def test_empty_batch():
+    q = np.zeros((0, 2, 4, 16), np.float32)
+    assert attngen.attention(q, q, q).shape == (0, 2, 4, 16)
+
+
+def test_torch_tensors_zero_copy():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(1, 4, 30, 64) for _ in range(3))
+    out = attngen.attention(q, k, v, causal=True)
+    assert isinstance(out, torch.Tensor)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (out - ref).abs().max().item() < 1e-5
+    buf = torch.empty_like(q)
+    assert attngen.attention(q, k, v, causal=True, out=buf) is buf
+    assert (buf - ref).abs().max().item() < 1e-5

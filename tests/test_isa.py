@@ -1,0 +1,23 @@
+"""The portable fallbacks (AVX2 and generic) build and agree with the reference too."""
+import pytest
+
+from attngen import kernel, toolchain
+from attngen.check import check_spec
+from attngen.spec import AttentionSpec
+
+ISAS = [isa for isa in ("avx2", "generic")
+        if toolchain.ISA_RANK[isa] <= toolchain.ISA_RANK[toolchain.detect().isa]]
+SPECS = [AttentionSpec(head_dim=24, gqa=3, mask="window", documents=True, bias="tensor+alibi",
+                       softcap=True, sinks=True),
+         AttentionSpec(head_dim=128, gqa=4, mask="causal", kv_layout="paged")]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.slug)
+def test_fallback_isa(spec, isa, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_ISA", isa)
+    monkeypatch.setattr(kernel, "_memo", {})
+    assert toolchain.detect().isa == isa
+    k = kernel.get_kernel(spec)
+    assert f"({isa})" in k.source.splitlines()[0]
+    assert check_spec(spec, k, seq_q=70) <= 1e-5

@@ -1,0 +1,58 @@
+"""Every variant of the manifest against the float64 reference, with explicit tolerances."""
+import numpy as np
+import pytest
+
+from attngen import manifest
+from attngen.check import TOLERANCE, make_case, max_errors
+
+SPECS = manifest.regression_specs()
+
+# (label, make_case arguments): self-attention of odd sizes, queries against a longer
+# history (bottom-right aligned), and chunked prefill against a ragged KV cache.
+SHAPES = [
+    ("self_37", dict(seq_q=37)),
+    ("self_130_bshd", dict(seq_q=130, layout="bshd", batch=1)),
+    ("q5_kv70", dict(seq_q=5, seq_kv=70)),
+    ("cache_ragged", dict(seq_q=3, kv_lens=[40, 77], capacity=90)),
+    ("single_token", dict(seq_q=1, seq_kv=1)),
+]
+
+
+def _valid(spec, args):
+    # Document ids are defined for Sq == Skv (or a cache holding the ids of every position).
+    return not (spec.documents and args.get("seq_kv", args["seq_q"]) != args["seq_q"])
+
+
+CASES = [pytest.param(spec, seed, args, id=f"{spec.slug}-{label}")
+         for spec in SPECS
+         for seed, (label, args) in enumerate(SHAPES) if _valid(spec, args)]
+
+
+@pytest.mark.parametrize("spec, seed, args", CASES)
+def test_variant_matches_reference(spec, seed, args, manifest_kernels):
+    case = make_case(spec, heads_kv=2 if spec.gqa < 16 else 1, seed=seed, **args)
+    out_err, lse_err = max_errors(manifest_kernels[spec], case)
+    tol = TOLERANCE[spec.dtype]
+    assert out_err <= tol, f"max |out - ref| = {out_err:.2e} > {tol:.0e}"
+    assert lse_err <= tol * 10, f"max |lse - ref| = {lse_err:.2e}"
+
+
+@pytest.mark.parametrize("spec", [manifest.CANONICAL[0], manifest.CANONICAL[2],
+                                  manifest.CANONICAL[3]],
+                         ids=lambda s: s.slug)
+def test_long_sequence_4096(spec, manifest_kernels):
+    """The 1e-5 bound holds at S = 4096 (unit-variance inputs), not only on toy sizes."""
+    case = make_case(spec, batch=1, heads_kv=1, seq_q=4096, seed=7, window=1024)
+    out_err, lse_err = max_errors(manifest_kernels[spec], case)
+    assert out_err <= 1e-5 and lse_err <= 1e-4, (out_err, lse_err)
+
+
+def test_results_do_not_depend_on_thread_count(manifest_kernels):
+    spec = manifest.CANONICAL[0]
+    case = make_case(spec, batch=1, seq_q=300, seed=3)
+    kernel = manifest_kernels[spec]
+    one = kernel(case.q, case.k, case.v, num_threads=1, **case.kwargs)
+    two = kernel(case.q, case.k, case.v, num_threads=2, **case.kwargs)
+    three = kernel(case.q, case.k, case.v, num_threads=3, **case.kwargs)
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(one, three)
