@@ -3,6 +3,7 @@ from ._version import __version__
 from .api import attention, spec_for_call
 from .errors import AttngenError, CacheError, CompileError, SpecError
 from .kernel import Kernel, get_kernel
+from .kvcache import KVCache, PagedKVCache
 from .render import render
 from .spec import AttentionSpec
 

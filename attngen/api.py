@@ -7,12 +7,19 @@ from .kernel import as_array, get_kernel
 from .spec import AttentionSpec
 
 _DTYPE_NAMES = {np.dtype(np.float32): "f32"}
+# Up to this many new queries per sequence (a token plus speculative ones) use the decode
+# kernel, which splits the KV sequence across threads; longer query blocks use prefill.
+DECODE_MAX_QUERIES = 16
+
+
+def choose_phase(seq_q: int, documents: bool) -> str:
+    return "decode" if seq_q <= DECODE_MAX_QUERIES and not documents else "prefill"
 
 
 def spec_for_call(q, k, v, *, causal=False, window=None, prefix_len=None, document_ids=None,
                   bias=None, alibi=None, softcap=None, sinks=None, layout="bhsd",
-                  block_table=None, phase="prefill") -> AttentionSpec:
-    """The AttentionSpec a call with these arguments needs."""
+                  block_table=None, phase=None) -> AttentionSpec:
+    """The AttentionSpec a call with these arguments needs (phase: chosen from Sq if None)."""
     q_arr, k_arr = as_array(q, "q"), as_array(k, "k")
     for name, array in (("q", q_arr), ("k", k_arr)):
         if array.ndim != 4:
@@ -35,6 +42,9 @@ def spec_for_call(q, k, v, *, causal=False, window=None, prefix_len=None, docume
         raise ValueError("give at most one of window and prefix_len")
     mask = ("window" if window is not None else "prefix" if prefix_len is not None
             else "causal" if causal else "none")
+    if phase is None:
+        seq_q = q_arr.shape[2] if layout == "bhsd" else q_arr.shape[1]
+        phase = choose_phase(seq_q, document_ids is not None)
     has_alibi = alibi is not None and alibi is not False
     bias_mode = {(False, False): "none", (True, False): "tensor", (False, True): "alibi",
                  (True, True): "tensor+alibi"}[(bias is not None, has_alibi)]
@@ -44,20 +54,35 @@ def spec_for_call(q, k, v, *, causal=False, window=None, prefix_len=None, docume
                          phase=phase, kv_layout="paged" if paged else "contiguous")
 
 
-def attention(q, k, v, *, scale=None, causal=False, window=None, prefix_len=None,
+def attention(q, k=None, v=None, *, scale=None, causal=False, window=None, prefix_len=None,
               document_ids=None, bias=None, alibi=None, softcap=None, sinks=None,
               return_lse=False, layout="bhsd", out=None, num_threads=None,
-              kv_lens=None, block_table=None):
+              kv_lens=None, block_table=None, num_splits=None, phase=None, cache=None):
     """Attention of q over k, v with a kernel specialised for the arguments given.
 
     q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D] (layout="bshd": [B, S, H, D]); or a paged cache
     k, v [num_pages, Hkv, page_size, D] with block_table [B, max_pages] and kv_lens [B].
-    See README.md for the semantics of each argument. Returns out (and lse if asked)."""
+    Up to 16 queries per sequence run the decode kernel (KV split across threads, then
+    merged); num_splits forces its partition count. phase="prefill"/"decode" overrides
+    the choice. See README.md for the semantics of each argument.
+    cache=: a KVCache or PagedKVCache to attend to instead of k, v; q holds the newest
+    tokens of each sequence, so the call is always causal.
+    Returns out, or (out, lse) with return_lse=True."""
+    if cache is not None:
+        if k is not None or v is not None or kv_lens is not None or block_table is not None:
+            raise ValueError("with cache=, do not pass k, v, kv_lens or block_table")
+        return cache.attention(q, scale=scale, causal=True, window=window,
+                               prefix_len=prefix_len, document_ids=document_ids, bias=bias,
+                               alibi=alibi, softcap=softcap, sinks=sinks, return_lse=return_lse,
+                               layout=layout, out=out, num_threads=num_threads,
+                               num_splits=num_splits, phase=phase)
+    if k is None or v is None:
+        raise TypeError("attention() needs k and v (or cache=)")
     spec = spec_for_call(q, k, v, causal=causal, window=window, prefix_len=prefix_len,
                          document_ids=document_ids, bias=bias, alibi=alibi, softcap=softcap,
-                         sinks=sinks, layout=layout, block_table=block_table)
+                         sinks=sinks, layout=layout, block_table=block_table, phase=phase)
     return get_kernel(spec)(q, k, v, scale=scale, causal=causal, window=window,
                             prefix_len=prefix_len, document_ids=document_ids, bias=bias,
                             alibi=alibi, softcap=softcap, sinks=sinks, return_lse=return_lse,
                             layout=layout, out=out, num_threads=num_threads, kv_lens=kv_lens,
-                            block_table=block_table)
+                            block_table=block_table, num_splits=num_splits)

@@ -48,17 +48,18 @@ def _targets(models, configs, suite, phases, kv_layouts):
 @click.option("--config", "configs", multiple=True, type=click.Path(exists=True),
               help="A Hugging Face config.json (or a directory holding one).")
 @click.option("--suite", is_flag=True, help="Also build the whole regression manifest.")
-@click.option("--phase", "phases", multiple=True, type=click.Choice(["prefill"]),
-              default=("prefill",), show_default=True)
-@click.option("--paged/--no-paged", default=False, help="Also build paged-KV variants.")
+@click.option("--phase", "phases", multiple=True, type=click.Choice(["prefill", "decode"]),
+              default=("prefill", "decode"), show_default=True)
+@click.option("--kv-layout", "kv_layouts", multiple=True,
+              type=click.Choice(["contiguous", "paged"]), default=("contiguous", "paged"),
+              show_default=True, help="KV cache layouts to build for.")
 @click.option("--jobs", "-j", type=int, default=None, help="Parallel compiles (default: cores).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Check each kernel against the float64 reference on a small input.")
-def build(models, configs, suite, phases, paged, jobs, check):
+def build(models, configs, suite, phases, kv_layouts, jobs, check):
     """Pre-build (and check) every kernel a model needs, so serving never compiles."""
     if not (models or configs or suite):
         raise click.UsageError("give --model NAME, --config PATH or --suite")
-    kv_layouts = ("contiguous", "paged") if paged else ("contiguous",)
     try:
         targets = _targets(models, configs, suite, phases, kv_layouts)
     except (AttngenError, ValueError) as exc:

@@ -142,7 +142,7 @@ class Kernel:
     def __call__(self, q, k, v, *, scale=None, causal=False, window=None, prefix_len=None,
                  document_ids=None, bias=None, alibi=None, softcap=None, sinks=None,
                  return_lse=False, layout="bhsd", out=None, num_threads=None,
-                 kv_lens=None, block_table=None):
+                 kv_lens=None, block_table=None, num_splits=None):
         spec = self.spec
         torch_in = _is_torch(q)
         q_arr, k_arr, v_arr = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
@@ -339,6 +339,12 @@ class Kernel:
         params.out_stride = _element_strides(outv, "out")[:3]
         params.kv_lens = _ptr("const int32_t *", lens)
         params.num_threads = int(num_threads)
+        if num_splits is not None:
+            if spec.phase != "decode":
+                raise ValueError(f"num_splits is a decode option; kernel {spec.slug} is {spec.phase}")
+            if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 1:
+                raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+            params.num_splits = int(num_splits)
 
         if B and Hq and Sq:
             status = self._lib.attngen_run(params)

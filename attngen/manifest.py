@@ -12,6 +12,8 @@ CANONICAL = (
     AttentionSpec(head_dim=256, gqa=2, mask="window", softcap=True),
     AttentionSpec(head_dim=64, gqa=1, mask="prefix", documents=True, bias="tensor+alibi"),
     AttentionSpec(head_dim=128, gqa=4, mask="causal", kv_layout="paged"),
+    AttentionSpec(head_dim=128, gqa=4, mask="causal", phase="decode"),
+    AttentionSpec(head_dim=64, gqa=8, mask="window", sinks=True, phase="decode", kv_layout="paged"),
 )
 GENERATED_ISA = "avx512"   # generated/ is rendered for one fixed ISA, machine-independent
 
@@ -48,7 +50,30 @@ def mode_specs(dtype: str = "f32") -> list[AttentionSpec]:
     return specs
 
 
-def model_specs(dtype: str = "f32", phases=("prefill",), kv_layouts=("contiguous",)):
+def decode_specs(dtype: str = "f32") -> list[AttentionSpec]:
+    """Decode variants: each mode that makes sense at decode, both KV layouts, head sizes
+    that take the in-place path and the packed one (24 is not a whole number of vectors)."""
+    base = dict(phase="decode", dtype=dtype)
+    specs = []
+    for layout in ("contiguous", "paged"):
+        specs += [
+            AttentionSpec(head_dim=128, gqa=4, mask="causal", kv_layout=layout, **base),
+            AttentionSpec(head_dim=64, gqa=8, mask="window", sinks=True, kv_layout=layout, **base),
+            AttentionSpec(head_dim=24, gqa=3, mask="causal", bias="tensor+alibi", softcap=True,
+                          kv_layout=layout, **base),
+        ]
+    specs += [
+        AttentionSpec(head_dim=64, gqa=1, mask="none", **base),
+        AttentionSpec(head_dim=64, gqa=2, mask="prefix", bias="alibi", **base),
+        AttentionSpec(head_dim=256, gqa=2, mask="window", softcap=True, **base),
+        AttentionSpec(head_dim=96, gqa=16, mask="causal", sinks=True, **base),
+        AttentionSpec(head_dim=40, gqa=1, mask="causal", bias="tensor", **base),
+    ]
+    return specs
+
+
+def model_specs(dtype: str = "f32", phases=("prefill", "decode"),
+                kv_layouts=("contiguous", "paged")):
     """The kernels of every embedded model config."""
     specs = []
     for name in embedded_models():
@@ -62,7 +87,8 @@ def regression_specs(dtypes=("f32",)) -> list[AttentionSpec]:
     """Everything the regression suite checks, without duplicates, in a stable order."""
     seen, ordered = set(), []
     for dtype in dtypes:
-        for spec in [*CANONICAL, *mode_specs(dtype), *head_dim_specs(dtype), *model_specs(dtype)]:
+        for spec in [*CANONICAL, *mode_specs(dtype), *head_dim_specs(dtype), *decode_specs(dtype),
+                     *model_specs(dtype)]:
             spec = spec.replace(dtype=dtype)
             if spec not in seen:
                 seen.add(spec)

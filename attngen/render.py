@@ -34,6 +34,8 @@ ISA_PARAMS = {
 # Query rows per prefill work item (the GQA group shares them); sized so the item's
 # Q, O and score blocks stay in L2.
 PREFILL_ROWS = 128
+# A decode KV partition covers at least this many keys (4 tiles on AVX-512).
+DECODE_MIN_KEYS_PER_SPLIT = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,6 +59,8 @@ def template_context(spec: AttentionSpec, isa: str) -> dict:
         "isa": params,
         "padded_head_dim": (spec.head_dim + vl - 1) // vl * vl,
         "block_q": max(1, PREFILL_ROWS // spec.gqa),
+        "min_keys_per_split": DECODE_MIN_KEYS_PER_SPLIT,
+        "direct_kv": spec.phase == "decode" and spec.head_dim % vl == 0,
     }
 
 

@@ -19,6 +19,9 @@
 #define BK (KCOLS * VL)                          /* keys per K/V tile */
 #define ROWS 4                       /* query rows per micro-kernel block */
 #define PV_CHUNK 4               /* output vectors per P.V block */
+/* Read K/V rows in place instead of packing tiles: pays when few query rows share a tile
+ * (decode); needs whole vectors per row. */
+#define DIRECT_KV 0
 
 /* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. */
 typedef struct {
@@ -51,6 +54,7 @@ typedef float vf_unaligned __attribute__((vector_size(VL * 4), aligned(4)));
 
 INLINE vf vbroadcast(float x) { return (vf){0} + x; }
 INLINE vf vload(const float *p) { return *(const vf *)p; }
+INLINE vf vload_unaligned(const float *p) { return *(const vf_unaligned *)p; }
 INLINE void vstore(float *p, vf x) { *(vf *)p = x; }
 INLINE vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 INLINE vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
@@ -172,6 +176,9 @@ typedef struct {
     float *s;                 /* [rows_pad][BK] scores, then probabilities */
     float *kt;                /* [DP][BK] K tile, transposed */
     float *vt;                /* [BK][DP] V tile */
+    float *zero_row;          /* [DP] zeros: the V row of padding keys */
+    const float *krows[BK];   /* where each key's K row is read from */
+    const float *vrows[BK];   /* where each key's V row is read from (tile or in place) */
     float *m, *l;             /* [rows_pad] running max and running sum */
     int64_t *row_head, *row_qi, *row_qpos;
 } tile_state;
@@ -186,7 +193,7 @@ static void *zalloc(size_t bytes)
 
 static void tile_state_free(tile_state *st)
 {
-    free(st->q); free(st->o); free(st->s); free(st->kt); free(st->vt);
+    free(st->q); free(st->o); free(st->s); free(st->kt); free(st->vt); free(st->zero_row);
     free(st->m); free(st->l); free(st->row_head); free(st->row_qi); free(st->row_qpos);
     memset(st, 0, sizeof *st);
 }
@@ -200,12 +207,13 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     st->s = zalloc(sizeof(float) * pad * BK);
     st->kt = zalloc(sizeof(float) * DP * BK);   /* rows HEAD_DIM..DP stay zero */
     st->vt = zalloc(sizeof(float) * BK * DP);   /* columns HEAD_DIM..DP stay zero */
+    st->zero_row = zalloc(sizeof(float) * DP);
     st->m = zalloc(sizeof(float) * pad);
     st->l = zalloc(sizeof(float) * pad);
     st->row_head = zalloc(sizeof(int64_t) * pad);
     st->row_qi = zalloc(sizeof(int64_t) * pad);
     st->row_qpos = zalloc(sizeof(int64_t) * pad);
-    if (!st->q || !st->o || !st->s || !st->kt || !st->vt || !st->m || !st->l
+    if (!st->q || !st->o || !st->s || !st->kt || !st->vt || !st->zero_row || !st->m || !st->l
         || !st->row_head || !st->row_qi || !st->row_qpos) {
         tile_state_free(st);
         return ATTNGEN_ENOMEM;
@@ -248,11 +256,24 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
         const float *vrow = kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
         for (int d = 0; d < HEAD_DIM; d++) st->kt[d * BK + j] = krow[d];
         memcpy(st->vt + j * DP, vrow, sizeof(float) * HEAD_DIM);
+        st->vrows[j] = st->vt + j * DP;
     }
     for (int64_t j = nk; j < BK; j++) {
         for (int d = 0; d < HEAD_DIM; d++) st->kt[d * BK + j] = 0.0f;
         memset(st->vt + j * DP, 0, sizeof(float) * HEAD_DIM);
+        st->vrows[j] = st->vt + j * DP;
     }
+}
+
+/* Point at keys [k0, k0 + nk) where they lie; padding keys read a zero V row. */
+static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
+                           int64_t k0, int64_t nk)
+{
+    for (int64_t j = 0; j < nk; j++) {
+        st->krows[j] = kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
+        st->vrows[j] = kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
+    }
+    for (int64_t j = nk; j < BK; j++) st->vrows[j] = st->zero_row;
 }
 
 /* ---- Micro-kernels. ---- */
@@ -275,16 +296,31 @@ INLINE void qk_block(const float *restrict q, const float *restrict kt, float *r
         for (int c = 0; c < KCOLS; c++) vstore(s + r * BK + c * VL, acc[r][c]);
 }
 
-/* o[r][cols] += sum_j p[r][j] * vt[j][cols] for ROWS rows and NC vectors from column c0. */
+/* s[r][j] = q[r] . k_j for every live row, reading K rows in place (DIRECT_KV). */
+static void qk_rows_direct(tile_state *st, int64_t nk)
+{
+    for (int64_t j = 0; j < nk; j++) {
+        vf kvec[DVEC];
+        for (int c = 0; c < DVEC; c++) kvec[c] = vload_unaligned(st->krows[j] + c * VL);
+        for (int64_t r = 0; r < st->rows; r++) {
+            const float *q = st->q + r * DP;
+            vf acc = kvec[0] * vload(q);
+            for (int c = 1; c < DVEC; c++) acc += kvec[c] * vload(q + c * VL);
+            st->s[r * BK + j] = vreduce_add(acc);
+        }
+    }
+}
+
+/* o[r][cols] += sum_j p[r][j] * v_j[cols] for ROWS rows and NC vectors from column c0. */
 INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
-                          const float *restrict vt, int c0, const int nc)
+                          const float *const *vrows, int c0, const int nc)
 {
     vf acc[ROWS][PV_CHUNK];
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vload(o + r * DP + (c0 + c) * VL);
     for (int j = 0; j < BK; j++) {
         vf vvec[PV_CHUNK];
-        for (int c = 0; c < nc; c++) vvec[c] = vload(vt + j * DP + (c0 + c) * VL);
+        for (int c = 0; c < nc; c++) vvec[c] = vload_unaligned(vrows[j] + (c0 + c) * VL);
         for (int r = 0; r < ROWS; r++) {
             vf pv = vbroadcast(prob[r * BK + j]);
             for (int c = 0; c < nc; c++) acc[r][c] += pv * vvec[c];
@@ -294,11 +330,11 @@ INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
         for (int c = 0; c < nc; c++) vstore(o + r * DP + (c0 + c) * VL, acc[r][c]);
 }
 
-INLINE void pv_block(float *restrict o, const float *restrict prob, const float *restrict vt)
+INLINE void pv_block(float *restrict o, const float *restrict prob, const float *const *vrows)
 {
     int c0 = 0;
-    for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK) pv_block_cols(o, prob, vt, c0, PV_CHUNK);
-    for (; c0 < DVEC; c0++) pv_block_cols(o, prob, vt, c0, 1);
+    for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK) pv_block_cols(o, prob, vrows, c0, PV_CHUNK);
+    for (; c0 < DVEC; c0++) pv_block_cols(o, prob, vrows, c0, 1);
 }
 
 /* Turn row r's scores into probabilities against the running max, rescaling the running
@@ -332,14 +368,20 @@ INLINE void softmax_row_update(tile_state *st, int64_t r)
     st->m[r] = m_new;
 }
 
-/* Attend every row of st to keys [k0, k0 + nk): pack the tile once for the whole GQA group,
- * score, apply hooks and mask (only where needed), update the softmax, accumulate P.V. */
+/* Attend every row of st to keys [k0, k0 + nk): pack the tile once for the whole GQA group
+ * (or find its rows in place), score, apply hooks and mask (only where needed), update the
+ * softmax, accumulate P.V. */
 static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int visibility)
 {
-    pack_kv_tile(p, st, b, hkv, k0, nk);
-    for (int64_t r = 0; r < st->rows_pad; r += ROWS)
-        qk_block(st->q + r * DP, st->kt, st->s + r * BK);
+    if (DIRECT_KV) {
+        locate_kv_rows(p, st, b, hkv, k0, nk);
+        qk_rows_direct(st, nk);
+    } else {
+        pack_kv_tile(p, st, b, hkv, k0, nk);
+        for (int64_t r = 0; r < st->rows_pad; r += ROWS)
+            qk_block(st->q + r * DP, st->kt, st->s + r * BK);
+    }
     int need_mask = HAS_MASK && visibility == TILE_PARTIAL;
     for (int64_t r = 0; r < st->rows; r++) {
         float *s = st->s + r * BK;
@@ -355,7 +397,7 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
     }
     for (int64_t r = st->rows; r < st->rows_pad; r++) memset(st->s + r * BK, 0, sizeof(float) * BK);
     for (int64_t r = 0; r < st->rows_pad; r += ROWS)
-        pv_block(st->o + r * DP, st->s + r * BK, st->vt);
+        pv_block(st->o + r * DP, st->s + r * BK, st->vrows);
 }
 
 /* Normalise and store row r (max m, sum l, unnormalised output o). A row that saw no key
