@@ -35,6 +35,16 @@ def _new_lengths(lengths, batch, tokens):
     return lengths.astype(np.int64)
 
 
+def _append_args(k_new, v_new, lengths, batch, heads_kv, head_dim, dtype):
+    """Validated (k_new, v_new, lengths as int64 [B]) of an append."""
+    k_new = _check_new("k_new", k_new, batch, heads_kv, head_dim, dtype)
+    v_new = _check_new("v_new", v_new, batch, heads_kv, head_dim, dtype)
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"k_new and v_new must have the same shape, got {k_new.shape} "
+                         f"and {v_new.shape}")
+    return k_new, v_new, _new_lengths(lengths, batch, k_new.shape[2])
+
+
 class KVCache:
     """Contiguous cache: k, v [B, Hkv, capacity, D] and lens [B] (valid tokens per sequence)."""
 
@@ -57,12 +67,8 @@ class KVCache:
         """Append k_new, v_new [B, Hkv, T, D]; sequence b takes its first lengths[b] tokens
         (default: all T). Raises ValueError, writing nothing, if any sequence would overflow."""
         batch, heads_kv, _, head_dim = self.k.shape
-        k_new = _check_new("k_new", k_new, batch, heads_kv, head_dim, self.dtype)
-        v_new = _check_new("v_new", v_new, batch, heads_kv, head_dim, self.dtype)
-        if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new and v_new must have the same shape, got {k_new.shape} "
-                             f"and {v_new.shape}")
-        lengths = _new_lengths(lengths, batch, k_new.shape[2])
+        k_new, v_new, lengths = _append_args(k_new, v_new, lengths, batch, heads_kv, head_dim,
+                                             self.dtype)
         after = self.lens + lengths
         if after.max() > self.capacity:
             b = int(np.argmax(after))
@@ -123,12 +129,8 @@ class PagedKVCache:
         writing and allocating nothing, if a sequence outgrows its table or pages run out."""
         batch = self.block_table.shape[0]
         _, heads_kv, page_size, head_dim = self.k_pages.shape
-        k_new = _check_new("k_new", k_new, batch, heads_kv, head_dim, self.dtype)
-        v_new = _check_new("v_new", v_new, batch, heads_kv, head_dim, self.dtype)
-        if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new and v_new must have the same shape, got {k_new.shape} "
-                             f"and {v_new.shape}")
-        lengths = _new_lengths(lengths, batch, k_new.shape[2])
+        k_new, v_new, lengths = _append_args(k_new, v_new, lengths, batch, heads_kv, head_dim,
+                                             self.dtype)
         after = self.lens + lengths
         pages_after = -(-after // page_size)
         max_pages = self.block_table.shape[1]
