@@ -203,9 +203,11 @@ class Kernel:
             capacity = Skv
         if kv_lens is not None:
             lens = _int_array(kv_lens, "kv_lens", (B,))
-            if B and lens.min() < Sq:
-                raise ValueError(f"kv_lens must be >= Sq={Sq} (they count the new tokens), "
-                                 f"got min {int(lens.min())}")
+            if B and lens.min() < 0:
+                raise ValueError(f"kv_lens must be >= 0, got min {int(lens.min())}")
+            if B and spec.documents and lens.min() < Sq:
+                raise ValueError(f"with document_ids, kv_lens must be >= Sq={Sq} (every query "
+                                 f"position needs an id), got min {int(lens.min())}")
             if B and lens.max() > capacity:
                 raise ValueError(f"kv_lens must be <= the cache capacity {capacity}, "
                                  f"got max {int(lens.max())}")

@@ -8,8 +8,9 @@ Semantics, in the order they are applied for query row i of sequence b, head h:
 
 * positions: kv_len = kv_lens[b] (or the key capacity when kv_lens is None); the
   query sits at pos = kv_len - Sq + i (bottom-right aligned); keys 0..kv_len-1 exist.
-  kv_lens must lie in [Sq, capacity]; without kv_lens, Skv < Sq is allowed (except
-  with document_ids) and puts the first queries at negative positions.
+  kv_lens must lie in [0, capacity]; a length below Sq (like Skv < Sq without kv_lens)
+  puts the first queries at negative positions: padding rows of a ragged batch, which
+  see no key under a causal mask. Not allowed with document_ids (no id there).
 * s_j = scale * q . k_j  (scale defaults to 1/sqrt(D)); query head h reads kv head
   h // (Hq // Hkv).
 * softcap c: s_j = c * tanh(s_j / c).
@@ -192,9 +193,8 @@ def attention_reference(q, k, v, *, scale=None, causal=False, window=None, prefi
         for b in range(batch):
             if lengths[b] > capacity:
                 raise ValueError(f"kv_lens[{b}] = {lengths[b]} exceeds {capacity_desc}")
-            if lengths[b] < sq:
-                raise ValueError(f"kv_lens[{b}] = {lengths[b]} must be >= Sq = {sq} "
-                                 "(queries are bottom-right aligned to the keys)")
+            if lengths[b] < 0:
+                raise ValueError(f"kv_lens[{b}] = {lengths[b]} must be >= 0")
 
     if paged:
         k = _gather_pages("k", k, block_table, lengths, capacity)

@@ -96,3 +96,21 @@ def test_append_validates_shapes():
         cache.append(np.zeros((B, HKV, 1, D)), np.zeros((B, HKV, 1, D)))
     with pytest.raises(ValueError, match="lengths must be in 0..1"):
         cache.append(*new_tokens(1), lengths=[2, 0, 0])
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_ragged_prompts_with_padded_query_rows(kind):
+    """One padded query block for prompts of different lengths: each sequence's real queries
+    are its last rows (bottom-right aligned); rows before its start see nothing (zeros)."""
+    cache = make(kind)
+    lengths = [20, 7, 13]
+    k0, v0 = new_tokens(20)
+    cache.append(k0, v0, lengths=lengths)
+    q = rng.standard_normal((B, HKV * G, 20, D)).astype(np.float32)
+    out = cache.attention(q)
+    k, v = gathered(cache)
+    for b, n in enumerate(lengths):
+        alone = attention_reference(q[b:b + 1, :, 20 - n:], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                    causal=True)
+        assert np.abs(out[b:b + 1, :, 20 - n:] - alone).max() <= 1e-5
+        assert (out[b, :, :20 - n] == 0).all()

@@ -452,7 +452,7 @@ def _base(rng=np.random.default_rng(0)):
     (lambda q, k, v: ((q, k, v), dict(document_ids=np.zeros((2, 4), int))),
      r"document_ids must have shape \[B, Skv\] = \(2, 5\), got \(2, 4\)"),
     (lambda q, k, v: ((q, k, v), dict(kv_lens=[5, 6])), r"kv_lens\[1\] = 6 exceeds"),
-    (lambda q, k, v: ((q, k, v), dict(kv_lens=[2, 5])), r"kv_lens\[0\] = 2 must be >= Sq = 3"),
+    (lambda q, k, v: ((q, k, v), dict(kv_lens=[-1, 5])), r"kv_lens\[0\] = -1 must be >= 0"),
     (lambda q, k, v: ((q, k, v), dict(kv_lens=[5])), r"kv_lens must have shape"),
     (lambda q, k, v: ((q, k, v), dict(layout="sbhd")), r"layout must be one of"),
     (lambda q, k, v: ((q, k, v), dict(bias=np.zeros((3, 5)).T)), r"bias must be broadcastable"),

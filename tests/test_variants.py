@@ -15,12 +15,17 @@ SHAPES = [
     ("q5_kv70", dict(seq_q=5, seq_kv=70)),
     ("cache_ragged", dict(seq_q=3, kv_lens=[40, 77], capacity=90)),
     ("single_token", dict(seq_q=1, seq_kv=1)),
+    # a ragged batch with padded query rows: sequence 0 holds fewer tokens than Sq
+    ("cache_padded_rows", dict(seq_q=6, kv_lens=[2, 50], capacity=60)),
 ]
 
 
 def _valid(spec, args):
     # Document ids are defined for Sq == Skv (or a cache holding the ids of every position).
-    return not (spec.documents and args.get("seq_kv", args["seq_q"]) != args["seq_q"])
+    if not spec.documents:
+        return True
+    shorter = min(args.get("kv_lens", [args["seq_q"]])) < args["seq_q"]
+    return args.get("seq_kv", args["seq_q"]) == args["seq_q"] and not shorter
 
 
 CASES = [pytest.param(spec, seed, args, id=f"{spec.slug}-{label}")
