@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernel import as_array, get_kernel
+from .kernel import SPEC_DTYPE, as_array, get_kernel
 from .spec import AttentionSpec
 
-_DTYPE_NAMES = {np.dtype(np.float32): "f32"}
 # Up to this many new queries per sequence (a token plus speculative ones) use the decode
 # kernel, which splits the KV sequence across threads; longer query blocks use prefill.
 DECODE_MAX_QUERIES = 16
@@ -24,9 +23,9 @@ def spec_for_call(q, k, v, *, causal=False, window=None, prefix_len=None, docume
     for name, array in (("q", q_arr), ("k", k_arr)):
         if array.ndim != 4:
             raise ValueError(f"{name} must have rank 4, got shape {array.shape}")
-    dtype = _DTYPE_NAMES.get(q_arr.dtype)
+    dtype = SPEC_DTYPE.get(q_arr.dtype)
     if dtype is None:
-        raise TypeError(f"q must be one of {[str(d) for d in _DTYPE_NAMES]}, got {q_arr.dtype}")
+        raise TypeError(f"q must be one of {[str(d) for d in SPEC_DTYPE]}, got {q_arr.dtype}")
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
     heads_q = q_arr.shape[1] if layout == "bhsd" else q_arr.shape[2]

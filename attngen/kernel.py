@@ -9,6 +9,7 @@ import math
 import threading
 
 import cffi
+import ml_dtypes
 import numpy as np
 
 from . import cache, config
@@ -17,8 +18,8 @@ from .spec import AttentionSpec
 
 CDEF = """
 typedef struct {
-    const float *q, *k, *v;
-    float *out;
+    const void *q, *k, *v;
+    void *out;
     float *lse;
     int64_t batch, heads_q, heads_kv, seq_q, seq_kv;
     int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
@@ -42,7 +43,10 @@ const char *attngen_slug(void);
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
 
-_NUMPY_DTYPE = {"f32": np.dtype(np.float32)}
+# Storage dtype of q, k, v and out per spec dtype (numpy has no bfloat16: ml_dtypes').
+NUMPY_DTYPE = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16),
+               "f16": np.dtype(np.float16)}
+SPEC_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPE.items()}
 LAYOUTS = ("bhsd", "bshd")
 
 
@@ -52,10 +56,15 @@ def as_array(x, name: str) -> np.ndarray:
         return x
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
+    if _is_torch(x):
+        import torch
+
+        x = x.detach()     # no autograd through a C kernel
+        if x.dtype == torch.bfloat16:   # numpy's DLPack has no bfloat16: view the bits
+            return np.from_dlpack(x.view(torch.int16)).view(ml_dtypes.bfloat16)
     if hasattr(x, "__dlpack__") and not hasattr(x, "__array_interface__"):
-        detach = getattr(x, "detach", None)   # torch tensors that require grad
         try:
-            return np.from_dlpack(detach() if detach else x)
+            return np.from_dlpack(x)
         except (TypeError, RuntimeError, BufferError) as exc:
             raise TypeError(f"{name}: cannot view {type(x).__name__} as a CPU array "
                             f"without copying ({exc})") from None
@@ -99,7 +108,7 @@ def _int_array(x, name: str, shape: tuple) -> np.ndarray:
 
 def _float_vector(x, name: str, length: int) -> np.ndarray:
     array = as_array(x, name)
-    if array.dtype.kind not in "fiu":
+    if array.dtype.kind not in "fiu" and array.dtype != NUMPY_DTYPE["bf16"]:
         raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
     if array.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},) (one value per query head), "
@@ -146,7 +155,7 @@ class Kernel:
         spec = self.spec
         torch_in = _is_torch(q)
         q_arr, k_arr, v_arr = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
-        dtype = _NUMPY_DTYPE[spec.dtype]
+        dtype = NUMPY_DTYPE[spec.dtype]
         for name, array in (("q", q_arr), ("k", k_arr), ("v", v_arr)):
             if array.dtype != dtype:
                 raise TypeError(f"{name} must be {dtype} for this kernel (spec dtype "
@@ -273,7 +282,7 @@ class Kernel:
                              + ("alibi is required" if wants_alibi else "alibi is not accepted"))
         if wants_tensor:
             bias_arr = as_array(bias, "bias")
-            if bias_arr.dtype.kind != "f":
+            if bias_arr.dtype.kind != "f" and bias_arr.dtype != NUMPY_DTYPE["bf16"]:
                 raise TypeError(f"bias must be a float array, got dtype {bias_arr.dtype}")
             if bias_arr.dtype != np.float32:
                 bias_arr = bias_arr.astype(np.float32)
@@ -357,7 +366,8 @@ class Kernel:
         result = out_arr if out_user is None else out_user
         if torch_in and out_user is None:
             import torch
-            result = torch.from_numpy(out_arr)
+            result = (torch.from_numpy(out_arr.view(np.int16)).view(torch.bfloat16)
+                      if out_arr.dtype == NUMPY_DTYPE["bf16"] else torch.from_numpy(out_arr))
             lse = torch.from_numpy(lse) if lse is not None else None
         return (result, lse) if return_lse else result
 

@@ -14,6 +14,8 @@ CANONICAL = (
     AttentionSpec(head_dim=128, gqa=4, mask="causal", kv_layout="paged"),
     AttentionSpec(head_dim=128, gqa=4, mask="causal", phase="decode"),
     AttentionSpec(head_dim=64, gqa=8, mask="window", sinks=True, phase="decode", kv_layout="paged"),
+    AttentionSpec(head_dim=128, gqa=4, mask="causal", dtype="bf16"),
+    AttentionSpec(head_dim=128, gqa=4, mask="causal", phase="decode", dtype="f16"),
 )
 GENERATED_ISA = "avx512"   # generated/ is rendered for one fixed ISA, machine-independent
 
@@ -83,7 +85,7 @@ def model_specs(dtype: str = "f32", phases=("prefill", "decode"),
     return specs
 
 
-def regression_specs(dtypes=("f32",)) -> list[AttentionSpec]:
+def regression_specs(dtypes=("f32", "bf16", "f16")) -> list[AttentionSpec]:
     """Everything the regression suite checks, without duplicates, in a stable order."""
     seen, ordered = set(), []
     for dtype in dtypes:

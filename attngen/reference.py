@@ -50,7 +50,7 @@ def _is_real(value) -> bool:
 
 def _float_array(name, value):
     array = np.asarray(value)
-    if array.dtype.kind not in "fiu":
+    if array.dtype.kind not in "fiu" and array.dtype.name != "bfloat16":   # ml_dtypes' bf16
         raise ValueError(f"{name} must be a real (float) array, got dtype {array.dtype}")
     return array.astype(np.float64)
 

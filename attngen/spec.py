@@ -14,11 +14,13 @@ from .errors import SpecError
 
 MASKS = ("none", "causal", "window", "prefix")
 BIASES = ("none", "tensor", "alibi", "tensor+alibi")
-DTYPES = ("f32",)
+DTYPES = ("f32", "bf16", "f16")
 PHASES = ("prefill", "decode")
 KV_LAYOUTS = ("contiguous", "paged")
 
-_DTYPE_ALIASES = {"f32": "f32", "float32": "f32", "fp32": "f32"}
+_DTYPE_ALIASES = {"f32": "f32", "float32": "f32", "fp32": "f32",
+                  "bf16": "bf16", "bfloat16": "bf16",
+                  "f16": "f16", "float16": "f16", "fp16": "f16", "half": "f16"}
 _BIAS_SLUG = {"none": "nobias", "tensor": "bias", "alibi": "alibi", "tensor+alibi": "bias_alibi"}
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_GQA = 256

@@ -25,8 +25,8 @@
 
 /* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. */
 typedef struct {
-    const float *q, *k, *v;
-    float *out;
+    const void *q, *k, *v;           /* elem_t: the storage type below */
+    void *out;
     float *lse;                      /* [B, Hq, Sq] or NULL */
     int64_t batch, heads_q, heads_kv, seq_q, seq_kv;
     int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];   /* batch, head, seq */
@@ -58,6 +58,16 @@ INLINE vf vload_unaligned(const float *p) { return *(const vf_unaligned *)p; }
 INLINE void vstore(float *p, vf x) { *(vf *)p = x; }
 INLINE vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 INLINE vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+
+typedef float elem_t;
+INLINE float elem_to_float(elem_t x) { return x; }
+INLINE elem_t float_to_elem(float x) { return x; }
+INLINE vf load_elems(const elem_t *p) { return vload_unaligned(p); }
+
+/* K/V rows are read as stored (DIRECT_KV) or from this thread's packed float tile. */
+typedef elem_t kvrow_t;
+INLINE vf load_kvrow(const kvrow_t *p) { return load_elems(p); }
+
 INLINE float vreduce_max(vf x)
 {
     float m = x[0];
@@ -141,9 +151,10 @@ static inline void key_range(const attngen_params *p, int64_t q_first, int64_t q
 }
 
 /* ---- K/V addressing: the only place that knows the cache layout. ---- */
-INLINE const float *kv_row(const attngen_params *p, const float *base, const int64_t *stride,
-                           int64_t b, int64_t hkv, int64_t j)
+INLINE const elem_t *kv_row(const attngen_params *p, const void *base_ptr,
+                            const int64_t *stride, int64_t b, int64_t hkv, int64_t j)
 {
+    const elem_t *base = (const elem_t *)base_ptr;
     (void)p;
     return base + b * stride[0] + hkv * stride[1] + j * stride[2];
 }
@@ -163,9 +174,9 @@ typedef struct {
     float *s;                 /* [rows_pad][BK] scores, then probabilities */
     float *kt;                /* [DP][BK] K tile, transposed */
     float *vt;                /* [BK][DP] V tile */
-    float *zero_row;          /* [DP] zeros: the V row of padding keys */
-    const float *krows[BK];   /* where each key's K row is read from */
-    const float *vrows[BK];   /* where each key's V row is read from (tile or in place) */
+    void *zero_row;           /* [DP] zeros: the K/V row of padding keys */
+    const kvrow_t *krows[BK]; /* where each key's K row is read from (DIRECT_KV) */
+    const kvrow_t *vrows[BK]; /* where each key's V row is read from (tile or in place) */
     float *m, *l;             /* [rows_pad] running max and running sum */
     int64_t *row_head, *row_qi, *row_qpos;
 } tile_state;
@@ -228,8 +239,9 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
         st->row_head[r] = h;
         st->row_qi[r] = qi;
         st->row_qpos[r] = qpos_base + qi;
-        const float *src = p->q + b * p->q_stride[0] + h * p->q_stride[1] + qi * p->q_stride[2];
-        for (int d = 0; d < HEAD_DIM; d++) dst[d] = src[d] * p->scale;
+        const elem_t *src = (const elem_t *)p->q + b * p->q_stride[0] + h * p->q_stride[1]
+                            + qi * p->q_stride[2];
+        for (int d = 0; d < HEAD_DIM; d++) dst[d] = elem_to_float(src[d]) * p->scale;
         for (int d = HEAD_DIM; d < DP; d++) dst[d] = 0.0f;
     }
 }
@@ -239,28 +251,43 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
                          int64_t k0, int64_t nk)
 {
     for (int64_t j = 0; j < nk; j++) {
-        const float *krow = kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
-        const float *vrow = kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
-        for (int d = 0; d < HEAD_DIM; d++) st->kt[d * BK + j] = krow[d];
-        memcpy(st->vt + j * DP, vrow, sizeof(float) * HEAD_DIM);
-        st->vrows[j] = st->vt + j * DP;
+        const elem_t *krow = kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
+        const elem_t *vrow = kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
+        float *vdst = st->vt + j * DP;
+        for (int d = 0; d < HEAD_DIM; d++) st->kt[d * BK + j] = elem_to_float(krow[d]);
+        for (int d = 0; d < HEAD_DIM; d++) vdst[d] = elem_to_float(vrow[d]);
+        st->vrows[j] = (const kvrow_t *)vdst;
     }
     for (int64_t j = nk; j < BK; j++) {
         for (int d = 0; d < HEAD_DIM; d++) st->kt[d * BK + j] = 0.0f;
         memset(st->vt + j * DP, 0, sizeof(float) * HEAD_DIM);
-        st->vrows[j] = st->vt + j * DP;
+        st->vrows[j] = (const kvrow_t *)(st->vt + j * DP);
     }
 }
 
-/* Point at keys [k0, k0 + nk) where they lie; padding keys read a zero V row. */
+/* Point at keys [k0, k0 + nk) where they lie; padding keys read a zero V row. Also
+ * prefetch the rows PREFETCH_TILES tiles ahead (below k_end): decode does little work per
+ * byte, so it needs more loads in flight than the hardware prefetcher starts. */
+#ifndef PREFETCH_TILES
+#define PREFETCH_TILES 2
+#endif
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
-                           int64_t k0, int64_t nk)
+                           int64_t k0, int64_t nk, int64_t k_end)
 {
     for (int64_t j = 0; j < nk; j++) {
-        st->krows[j] = kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
-        st->vrows[j] = kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
+        st->krows[j] = (const kvrow_t *)kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
+        st->vrows[j] = (const kvrow_t *)kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
+        int64_t ahead = k0 + j + PREFETCH_TILES * BK;
+        if (PREFETCH_TILES > 0 && ahead < k_end) {
+            const char *kp = (const char *)kv_row(p, p->k, p->k_stride, b, hkv, ahead);
+            const char *vp = (const char *)kv_row(p, p->v, p->v_stride, b, hkv, ahead);
+            for (int line = 0; line < HEAD_DIM * 4; line += 64) {
+                __builtin_prefetch(kp + line, 0, 3);
+                __builtin_prefetch(vp + line, 0, 3);
+            }
+        }
     }
-    for (int64_t j = nk; j < BK; j++) st->vrows[j] = st->zero_row;
+    for (int64_t j = nk; j < BK; j++) st->vrows[j] = (const kvrow_t *)st->zero_row;
 }
 
 /* ---- Micro-kernels. ---- */
@@ -283,31 +310,67 @@ INLINE void qk_block(const float *restrict q, const float *restrict kt, float *r
         for (int c = 0; c < KCOLS; c++) vstore(s + r * BK + c * VL, acc[r][c]);
 }
 
-/* s[r][j] = q[r] . k_j for every live row, reading K rows in place (DIRECT_KV). */
+/* Lane masks and permutations of the transpose-sum below (constant-folded). */
+INLINE vi lanes_with_bit(int w)
+{
+    vi m;
+    for (int i = 0; i < VL; i++) m[i] = (i & w) ? -1 : 0;
+    return m;
+}
+INLINE vi lanes_xor(int w)
+{
+    vi idx;
+    for (int i = 0; i < VL; i++) idx[i] = i ^ w;
+    return idx;
+}
+
+/* Horizontal sums of VL vectors at once: lane i of the result is the sum of v[i]'s lanes.
+ * Each level folds pairs so that lanes with bit w set carry the second vector's partial
+ * sums: VL - 1 folds of a few shuffles each, instead of VL scalar reductions. */
+INLINE vf transpose_sum(vf v[VL])
+{
+    for (int w = VL / 2, n = VL; w >= 1; w /= 2, n /= 2) {
+        vi upper = lanes_with_bit(w);
+        for (int m = 0; m < n / 2; m++) {
+            vf x = v[m], y = v[m + n / 2];
+            vf keep = vselect(upper, y, x), swap = vselect(upper, x, y);
+            v[m] = keep + __builtin_shuffle(swap, lanes_xor(w));
+        }
+    }
+    return v[0];
+}
+
+/* s[r][j] = q[r] . k_j for every live row, reading K rows in place (DIRECT_KV): VL keys at
+ * a time into VL accumulators, then one transpose-sum. Padding keys read the zero row. */
 static void qk_rows_direct(tile_state *st, int64_t nk)
 {
-    for (int64_t j = 0; j < nk; j++) {
-        vf kvec[DVEC];
-        for (int c = 0; c < DVEC; c++) kvec[c] = vload_unaligned(st->krows[j] + c * VL);
+    for (int64_t j = nk; j < BK; j++) st->krows[j] = (const kvrow_t *)st->zero_row;
+    for (int64_t j0 = 0; j0 < nk; j0 += VL) {
+        const kvrow_t *const *krows = st->krows + j0;
         for (int64_t r = 0; r < st->rows; r++) {
             const float *q = st->q + r * DP;
-            vf acc = kvec[0] * vload(q);
-            for (int c = 1; c < DVEC; c++) acc += kvec[c] * vload(q + c * VL);
-            st->s[r * BK + j] = vreduce_add(acc);
+            vf acc[VL];
+            for (int jj = 0; jj < VL; jj++) acc[jj] = vbroadcast(0.0f);
+            for (int c = 0; c < DVEC; c++) {
+                vf qv = vload(q + c * VL);
+                for (int jj = 0; jj < VL; jj++)
+                    acc[jj] += qv * load_kvrow(krows[jj] + c * VL);
+            }
+            vstore(st->s + r * BK + j0, transpose_sum(acc));
         }
     }
 }
 
 /* o[r][cols] += sum_j p[r][j] * v_j[cols] for ROWS rows and NC vectors from column c0. */
 INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
-                          const float *const *vrows, int c0, const int nc)
+                          const kvrow_t *const *vrows, int c0, const int nc)
 {
     vf acc[ROWS][PV_CHUNK];
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vload(o + r * DP + (c0 + c) * VL);
     for (int j = 0; j < BK; j++) {
         vf vvec[PV_CHUNK];
-        for (int c = 0; c < nc; c++) vvec[c] = vload_unaligned(vrows[j] + (c0 + c) * VL);
+        for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(vrows[j] + (c0 + c) * VL);
         for (int r = 0; r < ROWS; r++) {
             vf pv = vbroadcast(prob[r * BK + j]);
             for (int c = 0; c < nc; c++) acc[r][c] += pv * vvec[c];
@@ -317,7 +380,7 @@ INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
         for (int c = 0; c < nc; c++) vstore(o + r * DP + (c0 + c) * VL, acc[r][c]);
 }
 
-INLINE void pv_block(float *restrict o, const float *restrict prob, const float *const *vrows)
+INLINE void pv_block(float *restrict o, const float *restrict prob, const kvrow_t *const *vrows)
 {
     int c0 = 0;
     for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK) pv_block_cols(o, prob, vrows, c0, PV_CHUNK);
@@ -359,10 +422,10 @@ INLINE void softmax_row_update(tile_state *st, int64_t r)
  * (or find its rows in place), score, apply hooks and mask (only where needed), update the
  * softmax, accumulate P.V. */
 static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
-                           int64_t k0, int64_t nk, int visibility)
+                           int64_t k0, int64_t nk, int64_t k_end, int visibility)
 {
     if (DIRECT_KV) {
-        locate_kv_rows(p, st, b, hkv, k0, nk);
+        locate_kv_rows(p, st, b, hkv, k0, nk, k_end);
         qk_rows_direct(st, nk);
     } else {
         pack_kv_tile(p, st, b, hkv, k0, nk);
@@ -392,13 +455,14 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
 static void store_row(const attngen_params *p, int64_t b, int64_t h, int64_t qi,
                       float m, float l, const float *o)
 {
-    float *dst = p->out + b * p->out_stride[0] + h * p->out_stride[1] + qi * p->out_stride[2];
+    elem_t *dst = (elem_t *)p->out + b * p->out_stride[0] + h * p->out_stride[1]
+                  + qi * p->out_stride[2];
     float lse = -INFINITY, factor = 0.0f;
     if (m != -INFINITY && l > 0.0f) {
         factor = 1.0f / l;
         lse = m + logf(l);
     }
-    for (int d = 0; d < HEAD_DIM; d++) dst[d] = o[d] * factor;
+    for (int d = 0; d < HEAD_DIM; d++) dst[d] = float_to_elem(o[d] * factor);
     if (p->lse) p->lse[(b * p->heads_q + h) * p->seq_q + qi] = lse;
 }
 
@@ -422,7 +486,7 @@ static void attend_key_range(const attngen_params *p, tile_state *st, int64_t b,
         int32_t dk_lo, dk_hi;
         doc_range(p, b, k0, k0 + nk - 1, &dk_lo, &dk_hi);
         int vis = tile_visibility(p, q_first, q_last, k0, k0 + nk - 1, dq_lo, dq_hi, dk_lo, dk_hi);
-        if (vis != TILE_HIDDEN) attend_kv_tile(p, st, b, hkv, k0, nk, vis);
+        if (vis != TILE_HIDDEN) attend_kv_tile(p, st, b, hkv, k0, nk, k_hi, vis);
     }
 }
 

@@ -20,6 +20,8 @@ def specs_and_shapes(draw):
         softcap=draw(st.booleans()),
         sinks=draw(st.booleans()),
         kv_layout=draw(st.sampled_from(["contiguous", "paged"])),
+        dtype=draw(st.sampled_from(["f32", "bf16", "f16"])),
+        phase=draw(st.sampled_from(["prefill", "decode"])) if not documents else "prefill",
     )
     seq_q = draw(st.integers(1, 150))
     args = dict(batch=draw(st.integers(1, 3)), heads_kv=draw(st.integers(1, 3)), seq_q=seq_q,
