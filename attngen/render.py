@@ -61,7 +61,19 @@ def template_context(spec: AttentionSpec, isa: str) -> dict:
         "block_q": max(1, PREFILL_ROWS // spec.gqa),
         "min_keys_per_split": DECODE_MIN_KEYS_PER_SPLIT,
         "direct_kv": spec.phase == "decode" and spec.head_dim % vl == 0,
+        "fold_levels": _fold_levels(vl),
     }
+
+
+def _fold_levels(vl: int) -> list[dict]:
+    """Constants of the transpose-sum: at width w, lanes with bit w set take the second
+    vector of each pair, and lanes swap with lane ^ w."""
+    levels, w = [], vl // 2
+    while w >= 1:
+        levels.append({"width": w, "upper": [-1 if i & w else 0 for i in range(vl)],
+                       "xor": [i ^ w for i in range(vl)]})
+        w //= 2
+    return levels
 
 
 def render(spec: AttentionSpec, isa: str | None = None) -> str:

@@ -108,7 +108,26 @@ INLINE vf vexp(vf x)
     return vselect(keep, result, vbroadcast(0.0f));
 }
 
-/* Score modifications, in contract order: softcap, then bias, then ALiBi. */
+/* tanh(x), absolute error ~1e-7: an odd polynomial below |x| = 0.3 (where 1 - exp(-2|x|)
+ * would cancel), (1 - e) / (1 + e) with e = exp(-2|x|) above; the sign restored last. */
+INLINE vf vtanh(vf x)
+{
+    const vi sign_bit = (vi){0} + (-2147483647 - 1);   /* not vbroadcast(-0.0f): 0 + -0 = +0 */
+    vi sign = (vi)x & sign_bit;
+    vf a = (vf)((vi)x & ~sign_bit);
+    vf e = vexp(a * vbroadcast(-2.0f));
+    vf large = (vbroadcast(1.0f) - e) / (vbroadcast(1.0f) + e);
+    vf a2 = a * a;
+    vf poly = vbroadcast(62.0f / 2835.0f);
+    poly = poly * a2 + vbroadcast(-17.0f / 315.0f);
+    poly = poly * a2 + vbroadcast(2.0f / 15.0f);
+    poly = poly * a2 + vbroadcast(-1.0f / 3.0f);
+    vf small = a + a * a2 * poly;
+    vf t = vselect(a < vbroadcast(0.3f), small, large);
+    return (vf)((vi)t | sign);
+}
+
+/* Score modifications after the softcap (a vector pass of its own): bias, then ALiBi. */
 static inline float score_mod(const attngen_params *p, float s, int64_t b, int64_t h,
                               int64_t qi, int64_t qpos, int64_t kpos)
 {
@@ -116,6 +135,7 @@ static inline float score_mod(const attngen_params *p, float s, int64_t b, int64
     return s;
 }
 #define HAS_SCORE_MOD 0
+#define HAS_SOFTCAP 0
 
 /* 1 if the query at qpos may see the key at kpos (keys past kv_len never reach here). */
 static inline int mask_keep(const attngen_params *p, int64_t b, int64_t qpos, int64_t kpos)
@@ -181,6 +201,8 @@ typedef struct {
     void *zero_row;           /* [DP] zeros: the K/V row of padding keys */
     const kvrow_t *krows[BK]; /* where each key's K row is read from (DIRECT_KV) */
     const kvrow_t *vrows[BK]; /* where each key's V row is read from (tile or in place) */
+    const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on, or NULL */
+    const elem_t *vahead[BK];
     float *m, *l;             /* [rows_pad] running max and running sum */
     int64_t *row_head, *row_qi, *row_qpos;
 } tile_state;
@@ -269,29 +291,31 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
     }
 }
 
-/* Point at keys [k0, k0 + nk) where they lie; padding keys read a zero V row. Also
- * prefetch the rows PREFETCH_TILES tiles ahead (below k_end): decode does little work per
- * byte, so it needs more loads in flight than the hardware prefetcher starts. */
-#ifndef PREFETCH_TILES
-#define PREFETCH_TILES 2
-#endif
+/* Point at keys [k0, k0 + nk) where they lie (padding keys read a zero row), and at the
+ * keys PREFETCH_KEYS further on (below k_end), which the loops below prefetch as they go:
+ * decode does little work per byte, so it must keep loads in flight while it computes. */
+#define PREFETCH_KEYS (2 * BK)
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end)
 {
     for (int64_t j = 0; j < nk; j++) {
         st->krows[j] = (const kvrow_t *)kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
         st->vrows[j] = (const kvrow_t *)kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
-        int64_t ahead = k0 + j + PREFETCH_TILES * BK;
-        if (PREFETCH_TILES > 0 && ahead < k_end) {
-            const char *kp = (const char *)kv_row(p, p->k, p->k_stride, b, hkv, ahead);
-            const char *vp = (const char *)kv_row(p, p->v, p->v_stride, b, hkv, ahead);
-            for (int line = 0; line < HEAD_DIM * 4; line += 64) {
-                __builtin_prefetch(kp + line, 0, 3);
-                __builtin_prefetch(vp + line, 0, 3);
-            }
-        }
+        int64_t ahead = k0 + j + PREFETCH_KEYS;
+        st->kahead[j] = ahead < k_end ? kv_row(p, p->k, p->k_stride, b, hkv, ahead) : NULL;
+        st->vahead[j] = ahead < k_end ? kv_row(p, p->v, p->v_stride, b, hkv, ahead) : NULL;
     }
-    for (int64_t j = nk; j < BK; j++) st->vrows[j] = (const kvrow_t *)st->zero_row;
+    for (int64_t j = nk; j < BK; j++) {
+        st->krows[j] = st->vrows[j] = (const kvrow_t *)st->zero_row;
+        st->kahead[j] = st->vahead[j] = NULL;
+    }
+}
+
+INLINE void prefetch_row(const elem_t *row)
+{
+    if (!row) return;
+    for (int line = 0; line < HEAD_DIM * (int)sizeof(elem_t); line += 64)
+        __builtin_prefetch((const char *)row + line, 0, 3);
 }
 
 /* ---- Micro-kernels. ---- */
@@ -314,51 +338,62 @@ INLINE void qk_block(const float *restrict q, const float *restrict kt, float *r
         for (int c = 0; c < KCOLS; c++) vstore(s + r * BK + c * VL, acc[r][c]);
 }
 
-/* Lane masks and permutations of the transpose-sum below (constant-folded). */
-INLINE vi lanes_with_bit(int w)
-{
-    vi m;
-    for (int i = 0; i < VL; i++) m[i] = (i & w) ? -1 : 0;
-    return m;
-}
-INLINE vi lanes_xor(int w)
-{
-    vi idx;
-    for (int i = 0; i < VL; i++) idx[i] = i ^ w;
-    return idx;
-}
-
 /* Horizontal sums of VL vectors at once: lane i of the result is the sum of v[i]'s lanes.
  * Each level folds pairs so that lanes with bit w set carry the second vector's partial
- * sums: VL - 1 folds of a few shuffles each, instead of VL scalar reductions. */
+ * sums: VL - 1 folds of a blend, a permute and an add, instead of VL scalar reductions. */
 INLINE vf transpose_sum(vf v[VL])
 {
-    for (int w = VL / 2, n = VL; w >= 1; w /= 2, n /= 2) {
-        vi upper = lanes_with_bit(w);
-        for (int m = 0; m < n / 2; m++) {
-            vf x = v[m], y = v[m + n / 2];
-            vf keep = vselect(upper, y, x), swap = vselect(upper, x, y);
-            v[m] = keep + __builtin_shuffle(swap, lanes_xor(w));
+    {
+        const vi upper = { 0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1 };
+        const vi swap_lanes = { 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7 };
+        for (int m = 0; m < 8; m++) {
+            vf x = v[m], y = v[m + 8];
+            v[m] = vselect(upper, y, x) + __builtin_shuffle(vselect(upper, x, y), swap_lanes);
+        }
+    }
+    {
+        const vi upper = { 0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1 };
+        const vi swap_lanes = { 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11 };
+        for (int m = 0; m < 4; m++) {
+            vf x = v[m], y = v[m + 4];
+            v[m] = vselect(upper, y, x) + __builtin_shuffle(vselect(upper, x, y), swap_lanes);
+        }
+    }
+    {
+        const vi upper = { 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1 };
+        const vi swap_lanes = { 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13 };
+        for (int m = 0; m < 2; m++) {
+            vf x = v[m], y = v[m + 2];
+            v[m] = vselect(upper, y, x) + __builtin_shuffle(vselect(upper, x, y), swap_lanes);
+        }
+    }
+    {
+        const vi upper = { 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1 };
+        const vi swap_lanes = { 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14 };
+        for (int m = 0; m < 1; m++) {
+            vf x = v[m], y = v[m + 1];
+            v[m] = vselect(upper, y, x) + __builtin_shuffle(vselect(upper, x, y), swap_lanes);
         }
     }
     return v[0];
 }
 
 /* s[r][j] = q[r] . k_j for every live row, reading K rows in place (DIRECT_KV): VL keys at
- * a time into VL accumulators, then one transpose-sum. Padding keys read the zero row. */
+ * a time (every row uses them while they are in L1) into VL accumulators, one transpose-sum
+ * per row. Padding keys read the zero row. */
 static void qk_rows_direct(tile_state *st, int64_t nk)
 {
-    for (int64_t j = nk; j < BK; j++) st->krows[j] = (const kvrow_t *)st->zero_row;
     for (int64_t j0 = 0; j0 < nk; j0 += VL) {
-        const kvrow_t *const *krows = st->krows + j0;
+        for (int jj = 0; jj < VL; jj++) prefetch_row(st->kahead[j0 + jj]);
         for (int64_t r = 0; r < st->rows; r++) {
-            const float *q = st->q + r * DP;
+            vf q[DVEC];
+            for (int c = 0; c < DVEC; c++) q[c] = vload(st->q + r * DP + c * VL);
             vf acc[VL];
-            for (int jj = 0; jj < VL; jj++) acc[jj] = vbroadcast(0.0f);
-            for (int c = 0; c < DVEC; c++) {
-                vf qv = vload(q + c * VL);
-                for (int jj = 0; jj < VL; jj++)
-                    acc[jj] += qv * load_kvrow(krows[jj] + c * VL);
+            for (int jj = 0; jj < VL; jj++) {
+                const kvrow_t *k = st->krows[j0 + jj];
+                vf sum = q[0] * load_kvrow(k);
+                for (int c = 1; c < DVEC; c++) sum += q[c] * load_kvrow(k + c * VL);
+                acc[jj] = sum;
             }
             vstore(st->s + r * BK + j0, transpose_sum(acc));
         }
@@ -367,12 +402,14 @@ static void qk_rows_direct(tile_state *st, int64_t nk)
 
 /* o[r][cols] += sum_j p[r][j] * v_j[cols] for ROWS rows and NC vectors from column c0. */
 INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
-                          const kvrow_t *const *vrows, int c0, const int nc)
+                          const kvrow_t *const *vrows, const elem_t *const *vahead,
+                          int c0, const int nc)
 {
     vf acc[ROWS][PV_CHUNK];
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vload(o + r * DP + (c0 + c) * VL);
     for (int j = 0; j < BK; j++) {
+        if (DIRECT_KV && c0 == 0) prefetch_row(vahead[j]);
         vf vvec[PV_CHUNK];
         for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(vrows[j] + (c0 + c) * VL);
         for (int r = 0; r < ROWS; r++) {
@@ -384,11 +421,13 @@ INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
         for (int c = 0; c < nc; c++) vstore(o + r * DP + (c0 + c) * VL, acc[r][c]);
 }
 
-INLINE void pv_block(float *restrict o, const float *restrict prob, const kvrow_t *const *vrows)
+INLINE void pv_block(float *restrict o, const float *restrict prob, const kvrow_t *const *vrows,
+                     const elem_t *const *vahead)
 {
     int c0 = 0;
-    for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK) pv_block_cols(o, prob, vrows, c0, PV_CHUNK);
-    for (; c0 < DVEC; c0++) pv_block_cols(o, prob, vrows, c0, 1);
+    for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK)
+        pv_block_cols(o, prob, vrows, vahead, c0, PV_CHUNK);
+    for (; c0 < DVEC; c0++) pv_block_cols(o, prob, vrows, vahead, c0, 1);
 }
 
 /* Turn row r's scores into probabilities against the running max, rescaling the running
@@ -437,8 +476,11 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
             qk_block(st->q + r * DP, st->kt, st->s + r * BK);
     }
     int need_mask = HAS_MASK && visibility == TILE_PARTIAL;
+    vf cap = vbroadcast(p->softcap), inv_cap = vbroadcast(HAS_SOFTCAP ? 1.0f / p->softcap : 0.0f);
     for (int64_t r = 0; r < st->rows; r++) {
         float *s = st->s + r * BK;
+        if (HAS_SOFTCAP)
+            for (int c = 0; c < KCOLS; c++) vstore(s + c * VL, cap * vtanh(vload(s + c * VL) * inv_cap));
         if (HAS_SCORE_MOD || need_mask) {
             int64_t h = st->row_head[r], qi = st->row_qi[r], qpos = st->row_qpos[r];
             for (int64_t j = 0; j < nk; j++) {
@@ -451,7 +493,7 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
     }
     for (int64_t r = st->rows; r < st->rows_pad; r++) memset(st->s + r * BK, 0, sizeof(float) * BK);
     for (int64_t r = 0; r < st->rows_pad; r += ROWS)
-        pv_block(st->o + r * DP, st->s + r * BK, st->vrows);
+        pv_block(st->o + r * DP, st->s + r * BK, st->vrows, st->vahead);
 }
 
 /* Normalise and store row r (max m, sum l, unnormalised output o). A row that saw no key
