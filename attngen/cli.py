@@ -111,7 +111,7 @@ def build(models, configs, suite, phases, kv_layouts, jobs, check):
 
 @main.command()
 @click.argument("target")
-@click.option("--isa", type=click.Choice(["avx512", "avx2", "generic"]), default=None,
+@click.option("--isa", type=click.Choice(["avx512bf16", "avx512", "avx2", "generic"]), default=None,
               help="Render for this ISA instead of the detected one.")
 def show(target, isa):
     """Print the generated C of a spec slug, or of every kernel of a model."""

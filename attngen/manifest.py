@@ -17,7 +17,7 @@ CANONICAL = (
     AttentionSpec(head_dim=128, gqa=4, mask="causal", dtype="bf16"),
     AttentionSpec(head_dim=128, gqa=4, mask="causal", phase="decode", dtype="f16"),
 )
-GENERATED_ISA = "avx512"   # generated/ is rendered for one fixed ISA, machine-independent
+GENERATED_ISA = "avx512bf16"   # generated/ is rendered for one fixed ISA, machine-independent
 
 
 def head_dim_specs(dtype: str = "f32") -> list[AttentionSpec]:

@@ -18,6 +18,7 @@ class IsaParams:
     rows: int           # query rows per micro-kernel block
     kcols: int          # key vectors per Q.K^T block (keys per tile = kcols * vector_width)
     pv_chunk: int       # output vectors per P.V block
+    bf16_dot: bool = False   # AVX512-BF16 dot products (vdpbf16ps) for bf16 prefill
 
     @property
     def block_k(self) -> int:
@@ -27,6 +28,7 @@ class IsaParams:
 # Accumulators (rows x kcols and rows x pv_chunk) plus operands fit the register file:
 # 32 zmm on AVX-512, 16 ymm/xmm on AVX2 and the generic SSE/NEON build.
 ISA_PARAMS = {
+    "avx512bf16": IsaParams("avx512bf16", 16, 4, 4, 4, bf16_dot=True),
     "avx512": IsaParams("avx512", 16, 4, 4, 4),
     "avx2": IsaParams("avx2", 8, 2, 4, 4),
     "generic": IsaParams("generic", 4, 2, 4, 4),
@@ -53,6 +55,7 @@ def environment() -> jinja2.Environment:
 def template_context(spec: AttentionSpec, isa: str) -> dict:
     params = ISA_PARAMS[isa]
     vl = params.vector_width
+    bf16_dot = params.bf16_dot and spec.dtype == "bf16"
     return {
         "spec": spec,
         "version": __version__,
@@ -60,7 +63,10 @@ def template_context(spec: AttentionSpec, isa: str) -> dict:
         "padded_head_dim": (spec.head_dim + vl - 1) // vl * vl,
         "block_q": max(1, PREFILL_ROWS // spec.gqa),
         "min_keys_per_split": DECODE_MIN_KEYS_PER_SPLIT,
-        "direct_kv": spec.phase == "decode" and spec.head_dim % vl == 0,
+        # decode reads K/V rows in place when rows are whole vectors (of bf16 pairs, with
+        # the bf16 dot product); otherwise it packs tiles like prefill.
+        "direct_kv": spec.phase == "decode" and spec.head_dim % (2 * vl if bf16_dot else vl) == 0,
+        "bf16_dot": bf16_dot,
         "fold_levels": _fold_levels(vl),
     }
 

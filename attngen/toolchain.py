@@ -16,16 +16,17 @@ from .errors import CompileError
 BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
               "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-Wno-unused-variable")
 # Portable -march levels for the fallbacks, used when the ISA is forced below native.
-PORTABLE_MARCH = {"avx512": "-march=x86-64-v4", "avx2": "-march=x86-64-v3", "generic": ""}
+PORTABLE_MARCH = {"avx512bf16": "-march=x86-64-v4 -mavx512bf16", "avx512": "-march=x86-64-v4",
+                  "avx2": "-march=x86-64-v3", "generic": ""}
 # Floats per SIMD register the templates are written for.
-VECTOR_WIDTH = {"avx512": 16, "avx2": 8, "generic": 4}
+VECTOR_WIDTH = {"avx512bf16": 16, "avx512": 16, "avx2": 8, "generic": 4}
 
 
 @dataclass(frozen=True)
 class Toolchain:
     compiler: str            # as invoked
     compiler_id: str         # identity that goes into the cache key
-    isa: str                 # avx512 / avx2 / generic
+    isa: str                 # avx512bf16 / avx512 / avx2 / generic
     features: frozenset      # e.g. {"avx512f", "avx512bf16", "fma", "f16c"}
     arch_flags: tuple        # concrete -march/-m flags
 
@@ -68,7 +69,7 @@ def _features(flags: list[str]) -> frozenset:
 
 def _isa_of(features: frozenset) -> str:
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= features:
-        return "avx512"
+        return "avx512bf16" if "avx512bf16" in features else "avx512"
     if {"avx2", "fma"} <= features:
         return "avx2"
     return "generic"
@@ -86,8 +87,7 @@ def _detect(cc: str, forced: str | None) -> Toolchain:
     if forced and forced != native_isa:
         if ISA_RANK[forced] > ISA_RANK[native_isa]:
             raise ValueError(f"ATTNGEN_ISA={forced} but this CPU only supports {native_isa}")
-        march = PORTABLE_MARCH[forced]
-        arch_flags = (march,) if march else ()
+        arch_flags = tuple(PORTABLE_MARCH[forced].split())
         features = _features(list(arch_flags)) | _PORTABLE_FEATURES[forced]
     else:
         # -mtune is left to the compiler's default so the command stays machine-independent
@@ -96,8 +96,10 @@ def _detect(cc: str, forced: str | None) -> Toolchain:
     return Toolchain(cc, compiler_id, isa, frozenset(features), arch_flags)
 
 
-ISA_RANK = {"generic": 0, "avx2": 1, "avx512": 2}
+ISA_RANK = {"generic": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 _PORTABLE_FEATURES = {
+    "avx512bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512bf16", "avx2",
+                             "fma", "f16c"}),
     "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
     "avx2": frozenset({"avx2", "fma", "f16c"}),
     "generic": frozenset(),

@@ -486,6 +486,12 @@ def draw_plot(results, session: Session, machine, path: Path) -> bool:
         for i, r in enumerate(runs):
             if math.isnan(best_peer(r)[1]):
                 ax.text(i, 1.0, "no peer", ha="center", fontsize=7, color="gray")
+                continue
+            for j, name in enumerate(names):        # mark the absent bars
+                if name not in r["timings"]:
+                    ax.text(i + (j - (len(names) - 1) / 2) * bar, 0.0, "n/a",
+                            transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                            va="bottom", fontsize=6.5, color="gray")
         ax.axhline(1.0, color="black", linewidth=1.0, zorder=2)
         ax.set_yscale("log")
         ax.set_xticks(range(len(runs)))
@@ -498,7 +504,7 @@ def draw_plot(results, session: Session, machine, path: Path) -> bool:
                 ax.axvline(prefill_end - 0.5, color="gray", linestyle=":", linewidth=1)
         ax.set_ylabel(f"{dtype}: time / best peer's time")
         ax.grid(True, axis="y", which="both", alpha=0.25, zorder=0)
-        ax.set_title(f"{dtype} (absent bar: n/a for that contender)", fontsize=9, loc="left")
+        ax.set_title(dtype, fontsize=9, loc="left", fontweight="bold")
     lo = min(ratios_all + [1.0])
     hi = max(ratios_all + [1.0])
     for ax in axes[:, 0]:
@@ -510,8 +516,8 @@ def draw_plot(results, session: Session, machine, path: Path) -> bool:
         ax.minorticks_off()
     axes[0, 0].legend(fontsize=8, ncol=len(names), loc="lower center",
                       bbox_to_anchor=(0.5, 1.10), frameon=False)
-    fig.suptitle(f"attngen vs peers: median time relative to the fastest peer per case "
-                 f"(below 1 = faster than every peer; attngen labelled)\n"
+    fig.suptitle(f"Median time / fastest peer's median, per case (lower is better; "
+                 f"attngen's value labelled)\n"
                  f"{machine.cpu}, {machine.cores} cores, attngen {machine.isa}; "
                  f"prefill left of the dotted line, decode right", fontsize=9.5)
     fig.tight_layout()

@@ -360,6 +360,11 @@ def build_flex(case: AttnCase, inputs: CaseInputs, dtype: str, threads: int, tor
 
 # --------------------------------------------------------------------------- ONNX Runtime
 
+# ORT's CPU GroupQueryAttention allocates B*Hq*Sq*Skv float32 scores per call; above
+# this we do not run it (the machine is shared and has ~23 GB).
+ORT_MAX_SCORES = 4 << 30
+
+
 def _ort_modules():
     try:
         import onnx
@@ -425,6 +430,10 @@ def build_ort(case: AttnCase, inputs: CaseInputs, dtype: str, threads: int, **_)
     onnx, ort = _ort_modules()
     if case.phase == "decode" and (case.window or case.documents):
         raise NotApplicable("not wired up for masked decode")
+    scores = 4 * case.batch * case.heads_q * case.seq_q * case.seq_kv
+    if scores > ORT_MAX_SCORES:
+        raise NotApplicable(f"skipped: its CPU kernel materialises the fp32 scores of "
+                            f"every head at once ({scores / 2**30:.0f} GiB here)")
     np_dtype = np.float32 if dtype == "fp32" else ml_dtypes.bfloat16
     with_bias = bool(case.documents)
     try:
