@@ -114,13 +114,15 @@ def _keep_failed_source(spec: AttentionSpec, digest: str, source: str) -> Path:
     return path
 
 
-def lookup(spec: AttentionSpec, *, broken_library_sha256: str | None = None) -> CacheEntry:
-    """The built library for `spec`: from disk when a valid entry exists, else built now.
+def lookup(spec: AttentionSpec, *, tile=None,
+           broken_library_sha256: str | None = None) -> CacheEntry:
+    """The built library for `spec` (blocked by `tile`, default: tuned or the ISA default):
+    from disk when a valid entry exists, else built now.
 
     broken_library_sha256: the caller could not load the entry whose library has this hash;
     it is replaced, unless another process has replaced it already."""
     toolchain = detect()
-    source = render(spec, toolchain.isa)
+    source = render(spec, toolchain.isa, tile)
     command = build.compile_command(toolchain)
     key = cache_key(spec, source, command, toolchain)
     isa_dir = root() / toolchain.isa

@@ -126,6 +126,34 @@ def show(target, isa):
         click.echo(render(spec, isa))
 
 
+@main.command("tune")
+@click.argument("target")
+@click.option("--repeats", type=int, default=5, show_default=True,
+              help="Timed calls per candidate (round-robin), median kept.")
+def tune_command(target, repeats):
+    """Time a few tile blockings of a spec (or of every kernel of a model) on this machine
+    and store the fastest; later builds use it."""
+    from . import tuning
+    from .render import DEFAULT_TILES
+    from .toolchain import detect
+
+    try:
+        if target.startswith(("prefill_", "decode_")):
+            specs = [AttentionSpec.from_slug(target)]
+        else:
+            specs = [mk.spec for mk in model_kernels(load_config(target),
+                                                     phases=("prefill", "decode"))]
+    except (SpecError, ValueError) as exc:
+        raise click.ClickException(str(exc))
+    default = DEFAULT_TILES[detect().isa]
+    for spec in specs:
+        ranked = tuning.tune(spec, repeats=repeats)
+        best_tile, best = ranked[0]
+        base = dict(ranked).get(default, best)
+        click.echo(f"{spec.slug:<48} {best_tile.label():<26} {best * 1e3:8.2f} ms  "
+                   f"({base / best:.2f}x the default {default.label()})")
+
+
 @main.group("cache")
 def cache_group():
     """Inspect or clear the kernel cache."""

@@ -399,8 +399,17 @@ _memo_guard = threading.Lock()
 
 def _memo_key(spec: AttentionSpec):
     from .toolchain import detect
+    from .tuning import tile_for
 
-    return (spec, detect(), tuple(config.extra_cflags()), str(config.cache_dir()))
+    toolchain = detect()
+    return (spec, toolchain, tile_for(spec, toolchain.isa), tuple(config.extra_cflags()),
+            str(config.cache_dir()))
+
+
+def forget(spec: AttentionSpec) -> None:
+    """Drop `spec`'s kernels from this process's memo (after tuning changed its blocking)."""
+    for key in [k for k in _memo if k[0] == spec]:
+        _memo.pop(key, None)
 
 
 def loaded_kernel(spec: AttentionSpec):

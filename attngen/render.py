@@ -14,28 +14,40 @@ from .spec import AttentionSpec
 class IsaParams:
     """What a template needs to know about the instruction set: register shape, not flags."""
     name: str
-    vector_width: int   # floats per vector register
-    rows: int           # query rows per micro-kernel block
-    kcols: int          # key vectors per Q.K^T block (keys per tile = kcols * vector_width)
-    pv_chunk: int       # output vectors per P.V block
-    bf16_dot: bool = False   # AVX512-BF16 dot products (vdpbf16ps) for bf16 prefill
+    vector_width: int        # floats per vector register
+    bf16_dot: bool = False   # AVX512-BF16 dot products (vdpbf16ps) for bf16
 
-    @property
-    def block_k(self) -> int:
-        return self.kcols * self.vector_width
+
+ISA_PARAMS = {
+    "avx512bf16": IsaParams("avx512bf16", 16, bf16_dot=True),
+    "avx512": IsaParams("avx512", 16),
+    "avx2": IsaParams("avx2", 8),
+    "generic": IsaParams("generic", 4),
+}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Blocking of the loop nest; `attngen tune` picks among a few per spec and machine."""
+    rows: int           # query rows per micro-kernel block
+    kcols: int          # key vectors per Q.K^T block (keys per tile = kcols * vector width)
+    pv_chunk: int       # output vectors per P.V block
+    prefill_rows: int   # query rows (all heads of a GQA group) per prefill work item
+
+    def label(self) -> str:
+        return f"rows{self.rows}_k{self.kcols}_pv{self.pv_chunk}_item{self.prefill_rows}"
 
 
 # Accumulators (rows x kcols and rows x pv_chunk) plus operands fit the register file:
-# 32 zmm on AVX-512, 16 ymm/xmm on AVX2 and the generic SSE/NEON build.
-ISA_PARAMS = {
-    "avx512bf16": IsaParams("avx512bf16", 16, 4, 4, 4, bf16_dot=True),
-    "avx512": IsaParams("avx512", 16, 4, 4, 4),
-    "avx2": IsaParams("avx2", 8, 2, 4, 4),
-    "generic": IsaParams("generic", 4, 2, 4, 4),
+# 32 zmm on AVX-512, 16 ymm/xmm on AVX2 and the generic SSE/NEON build. The AVX-512 default
+# won a sweep on causal, softcap D=256 and D=64 prefill on a Zen 5 (benchmarks/RESULTS.md);
+# a prefill item's Q, O and score blocks stay in L2.
+DEFAULT_TILES = {
+    "avx512bf16": TileConfig(6, 4, 4, 192),
+    "avx512": TileConfig(6, 4, 4, 192),
+    "avx2": TileConfig(2, 4, 4, 128),
+    "generic": TileConfig(2, 4, 4, 128),
 }
-# Query rows per prefill work item (the GQA group shares them); sized so the item's
-# Q, O and score blocks stay in L2.
-PREFILL_ROWS = 128
 # A decode KV partition covers at least this many keys (4 tiles on AVX-512).
 DECODE_MIN_KEYS_PER_SPLIT = 256
 
@@ -52,7 +64,7 @@ def environment() -> jinja2.Environment:
     )
 
 
-def template_context(spec: AttentionSpec, isa: str) -> dict:
+def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
     params = ISA_PARAMS[isa]
     vl = params.vector_width
     bf16_dot = params.bf16_dot and spec.dtype == "bf16"
@@ -60,8 +72,9 @@ def template_context(spec: AttentionSpec, isa: str) -> dict:
         "spec": spec,
         "version": __version__,
         "isa": params,
+        "tile": tile,
         "padded_head_dim": (spec.head_dim + vl - 1) // vl * vl,
-        "block_q": max(1, PREFILL_ROWS // spec.gqa),
+        "block_q": max(1, tile.prefill_rows // spec.gqa),
         "min_keys_per_split": DECODE_MIN_KEYS_PER_SPLIT,
         # decode reads K/V rows in place when rows are whole vectors (of bf16 pairs, with
         # the bf16 dot product); otherwise it packs tiles like prefill.
@@ -82,8 +95,10 @@ def _fold_levels(vl: int) -> list[dict]:
     return levels
 
 
-def render(spec: AttentionSpec, isa: str | None = None) -> str:
-    """The generated C for `spec`, for `isa` (default: the detected one)."""
+def render(spec: AttentionSpec, isa: str | None = None, tile: TileConfig | None = None) -> str:
+    """The generated C for `spec`, for `isa` (default: the detected one), blocked by `tile`
+    (default: the tuned one for this spec and ISA, if `attngen tune` stored one, else the
+    ISA's default)."""
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
     if isa is None:
@@ -92,5 +107,9 @@ def render(spec: AttentionSpec, isa: str | None = None) -> str:
         isa = detect().isa
     if isa not in ISA_PARAMS:
         raise ValueError(f"isa must be one of {tuple(ISA_PARAMS)}, got {isa!r}")
+    if tile is None:
+        from .tuning import tile_for
+
+        tile = tile_for(spec, isa)
     template = environment().get_template(f"{spec.phase}.c.j2")
-    return template.render(**template_context(spec, isa))
+    return template.render(**template_context(spec, isa, tile))

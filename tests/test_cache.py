@@ -137,7 +137,8 @@ def test_bad_compiler_flag_raises_compile_error(fresh_cache, monkeypatch):
 
 def test_broken_template_raises_compile_error(fresh_cache, monkeypatch):
     real_render = cache.render
-    monkeypatch.setattr(cache, "render", lambda spec, isa: real_render(spec, isa) + "\nthis is not C;\n")
+    monkeypatch.setattr(cache, "render",
+                        lambda spec, isa, tile=None: real_render(spec, isa, tile) + "\nthis is not C;\n")
     with pytest.raises(CompileError) as info:
         cache.lookup(SPEC)
     assert "error" in info.value.output and "kernel.c" in info.value.output

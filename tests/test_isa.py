@@ -23,5 +23,5 @@ def test_fallback_isa(spec, isa, monkeypatch):
     monkeypatch.setattr(kernel, "_memo", {})
     assert toolchain.detect().isa == isa
     k = kernel.get_kernel(spec)
-    assert f"({isa})" in k.source.splitlines()[0]
+    assert f"({isa}, " in k.source.splitlines()[0]
     assert check_spec(spec, k) <= TOLERANCE[spec.dtype]

@@ -1,0 +1,51 @@
+"""attngen tune: candidates are timed, the winner is stored and used; bad tables are ignored."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import attngen
+import attngen.toolchain
+from attngen import kernel, tuning
+from attngen.check import TOLERANCE, check_spec
+from attngen.cli import main
+from attngen.render import TileConfig
+
+SPEC = attngen.AttentionSpec(head_dim=32, gqa=2, mask="causal")
+CANDIDATES = [TileConfig(2, 4, 4, 64), TileConfig(4, 2, 2, 128)]
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel, "_memo", {})
+    return tmp_path / "cache"
+
+
+def test_tune_stores_and_uses_the_winner(fresh_cache):
+    ranked = tuning.tune(SPEC, candidates=CANDIDATES, repeats=2, case_args=dict(seq_q=128))
+    assert {tile for tile, _ in ranked} == set(CANDIDATES)
+    assert ranked[0][1] <= ranked[1][1]
+    isa = attngen.toolchain.detect().isa
+    assert tuning.tuned_tile(SPEC, isa) == ranked[0][0]
+    k = attngen.get_kernel(SPEC)
+    assert f"#define ROWS {ranked[0][0].rows} " in k.source
+    assert check_spec(SPEC, k) <= TOLERANCE["f32"]
+
+
+def test_unreadable_tuning_table_means_defaults(fresh_cache):
+    isa = attngen.toolchain.detect().isa
+    path = tuning._path(isa)
+    path.parent.mkdir(parents=True)
+    for junk in ("{not json", json.dumps({SPEC.slug: {"tile": {"rows": "x"}}}), "[]"):
+        path.write_text(junk)
+        assert tuning.tuned_tile(SPEC, isa) is None
+        assert check_spec(SPEC) <= TOLERANCE["f32"]
+
+
+def test_tune_command(fresh_cache, monkeypatch):
+    monkeypatch.setitem(tuning.CANDIDATES, attngen.toolchain.detect().isa, CANDIDATES)
+    monkeypatch.setattr(tuning, "default_case_args", lambda spec: dict(seq_q=64))
+    result = CliRunner().invoke(main, ["tune", SPEC.slug, "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert SPEC.slug in result.output and "ms" in result.output
