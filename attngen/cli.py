@@ -134,7 +134,7 @@ def tune_command(target, repeats):
     """Time a few tile blockings of a spec (or of every kernel of a model) on this machine
     and store the fastest; later builds use it."""
     from . import tuning
-    from .render import DEFAULT_TILES
+    from .render import default_tile
     from .toolchain import detect
 
     try:
@@ -145,8 +145,8 @@ def tune_command(target, repeats):
                                                      phases=("prefill", "decode"))]
     except (SpecError, ValueError) as exc:
         raise click.ClickException(str(exc))
-    default = DEFAULT_TILES[detect().isa]
     for spec in specs:
+        default = default_tile(spec, detect().isa)
         ranked = tuning.tune(spec, repeats=repeats)
         best_tile, best = ranked[0]
         base = dict(ranked).get(default, best)

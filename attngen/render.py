@@ -84,6 +84,16 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
     }
 
 
+def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
+    """The ISA's default blocking; decode blocks rows by a divisor of its GQA group (one new
+    token's rows are the group's heads), so no micro-kernel work goes to padding rows."""
+    tile = DEFAULT_TILES[isa]
+    if spec.phase == "decode":
+        rows = max(r for r in range(1, tile.rows + 1) if spec.gqa % r == 0)
+        tile = TileConfig(rows, tile.kcols, 8 if rows <= 2 else tile.pv_chunk, tile.prefill_rows)
+    return tile
+
+
 def _fold_levels(vl: int) -> list[dict]:
     """Constants of the transpose-sum: at width w, lanes with bit w set take the second
     vector of each pair, and lanes swap with lane ^ w."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import filelock
 
 from . import config
-from .render import DEFAULT_TILES, TileConfig
+from .render import TileConfig, default_tile
 from .spec import AttentionSpec
 
 TUNING_NAME = "tuning.json"
@@ -71,7 +71,7 @@ def tuned_tile(spec: AttentionSpec, isa: str) -> TileConfig | None:
 
 
 def tile_for(spec: AttentionSpec, isa: str) -> TileConfig:
-    return tuned_tile(spec, isa) or DEFAULT_TILES[isa]
+    return tuned_tile(spec, isa) or default_tile(spec, isa)
 
 
 def _store(spec: AttentionSpec, isa: str, tile: TileConfig, timings: dict) -> Path:
@@ -104,7 +104,7 @@ def tune(spec: AttentionSpec, candidates=None, repeats: int = 5, case_args=None)
     from .check import TOLERANCE, make_case, max_errors
 
     isa = toolchain.detect().isa
-    candidates = list(candidates or CANDIDATES[isa])
+    candidates = list(dict.fromkeys(candidates or [default_tile(spec, isa), *CANDIDATES[isa]]))
     kernels = {tile: kernel.Kernel(spec, cache.lookup(spec, tile=tile)) for tile in candidates}
     for tile, kern in kernels.items():
         err = max(max_errors(kern, make_case(spec, seq_q=40 if spec.phase == "prefill" else 2,

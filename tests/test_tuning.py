@@ -49,3 +49,14 @@ def test_tune_command(fresh_cache, monkeypatch):
     result = CliRunner().invoke(main, ["tune", SPEC.slug, "--repeats", "1"])
     assert result.exit_code == 0, result.output
     assert SPEC.slug in result.output and "ms" in result.output
+
+
+@pytest.mark.parametrize("gqa", [1, 2, 3, 4, 7, 8, 16, 32])
+def test_decode_default_rows_divide_the_group(gqa):
+    """One decode token's rows are its GQA group: the micro-kernel block must divide it, so
+    no block computes padding rows."""
+    from attngen.render import DEFAULT_TILES, default_tile
+
+    for isa in DEFAULT_TILES:
+        tile = default_tile(attngen.AttentionSpec(64, gqa, "causal", phase="decode"), isa)
+        assert gqa % tile.rows == 0 and tile.rows <= DEFAULT_TILES[isa].rows
