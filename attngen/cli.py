@@ -23,6 +23,11 @@ def main():
     """attngen: specialised CPU flash-attention kernels, generated from a spec."""
 
 
+def _config_label(path: Path) -> str:
+    """A model's name from its config path: the folder of a config.json, else the file."""
+    return path.parent.name if path.name == "config.json" else path.stem
+
+
 def _targets(models, configs, suite, phases, kv_layouts):
     """[(label, spec, description)] without duplicate specs, in a stable order."""
     targets, seen = [], set()
@@ -34,8 +39,9 @@ def _targets(models, configs, suite, phases, kv_layouts):
 
     for source in [*models, *configs]:
         cfg = load_config(source)
+        label = source if source in embedded_models() else _config_label(Path(source))
         for mk in model_kernels(cfg, phases=phases, kv_layouts=kv_layouts):
-            add(Path(source).stem, mk.spec, mk.description)
+            add(label, mk.spec, mk.description)
     if suite:
         for spec in manifest.regression_specs():
             add("suite", spec, "regression manifest")

@@ -14,6 +14,7 @@ def runner(tmp_path, monkeypatch):
 def test_build_model_checks_and_caches(runner):
     first = runner.invoke(main, ["build", "--model", "llama-3.2-1b"])
     assert first.exit_code == 0, first.output
+    assert "llama-3.2-1b" in first.output        # the model column names the model
     for slug in ("prefill_d64_g4_causal_nobias_f32", "prefill_d64_g4_causal_nobias_paged_f32",
                  "decode_d64_g4_causal_nobias_f32", "decode_d64_g4_causal_nobias_paged_f32"):
         assert slug in first.output
