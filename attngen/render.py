@@ -86,11 +86,14 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
 
 def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
     """The ISA's default blocking; decode blocks rows by a divisor of its GQA group (one new
-    token's rows are the group's heads), so no micro-kernel work goes to padding rows."""
+    token's rows are the group's heads), so no micro-kernel work goes to padding rows, and
+    with few rows takes 8 output vectors per P.V pass (a D=128 V row is loaded once): 5-8%
+    faster at 65536 keys on AVX-512 (`attngen tune`, decode d128 g4, f32 and bf16)."""
     tile = DEFAULT_TILES[isa]
     if spec.phase == "decode":
         rows = max(r for r in range(1, tile.rows + 1) if spec.gqa % r == 0)
-        tile = TileConfig(rows, tile.kcols, 8 if rows <= 2 else tile.pv_chunk, tile.prefill_rows)
+        wide = rows <= 2 or (ISA_PARAMS[isa].vector_width == 16 and rows <= 4)
+        tile = TileConfig(rows, tile.kcols, 8 if wide else tile.pv_chunk, tile.prefill_rows)
     return tile
 
 

@@ -89,10 +89,11 @@ def _store(spec: AttentionSpec, isa: str, tile: TileConfig, timings: dict) -> Pa
 
 def default_case_args(spec: AttentionSpec) -> dict:
     """A representative shape to time: a 1024-token prompt over >= 8 query heads, or one
-    decode token against 16384 cached keys."""
+    decode token against 65536 cached keys (K/V well beyond the last-level cache, since
+    decode streams them from memory)."""
     heads_kv = max(1, 8 // spec.gqa)
     if spec.phase == "decode":
-        return dict(batch=1, heads_kv=heads_kv, seq_q=1, kv_lens=[16384], capacity=16384)
+        return dict(batch=1, heads_kv=heads_kv, seq_q=1, kv_lens=[65536], capacity=65536)
     return dict(batch=1, heads_kv=heads_kv, seq_q=1024)
 
 
