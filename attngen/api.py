@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernel import SPEC_DTYPE, as_array, get_kernel
+from .kernel import SPEC_DTYPE, as_array, get_kernel, mask_mode
 from .spec import AttentionSpec
 
 # Up to this many new queries per sequence (a token plus speculative ones) use the decode
@@ -33,14 +33,7 @@ def spec_for_call(q, k, v, *, causal=False, window=None, prefix_len=None, docume
     heads_kv = k_arr.shape[1] if (paged or layout == "bhsd") else k_arr.shape[2]
     if heads_kv == 0 or heads_q % heads_kv:
         raise ValueError(f"query heads ({heads_q}) must be a multiple of kv heads ({heads_kv})")
-    if window is not None and not causal:
-        raise ValueError("window (sliding window) needs causal=True")
-    if prefix_len is not None and not causal:
-        raise ValueError("prefix_len (prefix-LM) needs causal=True")
-    if window is not None and prefix_len is not None:
-        raise ValueError("give at most one of window and prefix_len")
-    mask = ("window" if window is not None else "prefix" if prefix_len is not None
-            else "causal" if causal else "none")
+    mask = mask_mode(causal, window, prefix_len)
     if phase is None:
         seq_q = q_arr.shape[2] if layout == "bhsd" else q_arr.shape[1]
         phase = choose_phase(seq_q, document_ids is not None)

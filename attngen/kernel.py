@@ -106,6 +106,28 @@ def _int_array(x, name: str, shape: tuple) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int32)
 
 
+def whole_number(value, name: str, minimum: int) -> int:
+    """`value` as an int, or a ValueError naming `name` (bools are not numbers here)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def mask_mode(causal, window, prefix_len) -> str:
+    """The spec mask the mask arguments ask for, after checking they make sense together."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+    if window is not None and not causal:
+        raise ValueError("window (sliding window) needs causal=True")
+    if prefix_len is not None and not causal:
+        raise ValueError("prefix_len (prefix-LM) needs causal=True")
+    if window is not None and prefix_len is not None:
+        raise ValueError("give at most one of window and prefix_len")
+    return ("window" if window is not None else "prefix" if prefix_len is not None
+            else "causal" if causal else "none")
+
+
 def _float_vector(x, name: str, length: int) -> np.ndarray:
     array = as_array(x, name)
     if array.dtype.kind not in "fiu" and array.dtype != NUMPY_DTYPE["bf16"]:
@@ -234,18 +256,14 @@ class Kernel:
             params.block_table_stride = table.shape[1]
             params.page_size = page_size
 
-        longest = int(lens.max()) if lens is not None and B else Skv if not paged else 0
+        longest = int(lens.max()) if lens is not None and B else Skv
 
         # Mask arguments must match what the kernel was built for.
         self._check_mask_args(causal, window, prefix_len, document_ids)
         if spec.mask == "window":
-            if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-                raise ValueError(f"window must be an int >= 1, got {window!r}")
-            params.window = int(window)
+            params.window = whole_number(window, "window", 1)
         if spec.mask == "prefix":
-            if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, np.integer)) or prefix_len < 0:
-                raise ValueError(f"prefix_len must be an int >= 0, got {prefix_len!r}")
-            params.prefix_len = int(prefix_len)
+            params.prefix_len = whole_number(prefix_len, "prefix_len", 0)
         if spec.documents:
             if kv_lens is None and Sq != Skv:
                 raise ValueError(f"document_ids needs Sq == Skv, got Sq={Sq}, Skv={Skv}")
@@ -334,13 +352,12 @@ class Kernel:
 
         if num_threads is None:
             num_threads = config.default_num_threads()
-        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-            raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+        num_threads = whole_number(num_threads, "num_threads", 1)
 
-        params.q = _ptr("const float *", qv)
-        params.k = _ptr("const float *", kv)
-        params.v = _ptr("const float *", vv)
-        params.out = _ptr("float *", outv)
+        params.q = _ptr("const void *", qv)
+        params.k = _ptr("const void *", kv)
+        params.v = _ptr("const void *", vv)
+        params.out = _ptr("void *", outv)
         params.lse = _ptr("float *", lse)
         params.batch, params.heads_q, params.heads_kv = B, Hq, Hkv
         params.seq_q, params.seq_kv = Sq, Skv
@@ -349,13 +366,11 @@ class Kernel:
         params.v_stride = _element_strides(vv, "v")[:3]
         params.out_stride = _element_strides(outv, "out")[:3]
         params.kv_lens = _ptr("const int32_t *", lens)
-        params.num_threads = int(num_threads)
+        params.num_threads = num_threads
         if num_splits is not None:
             if spec.phase != "decode":
                 raise ValueError(f"num_splits is a decode option; kernel {spec.slug} is {spec.phase}")
-            if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 1:
-                raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
-            params.num_splits = int(num_splits)
+            params.num_splits = whole_number(num_splits, "num_splits", 1)
 
         if B and Hq and Sq:
             status = self._lib.attngen_run(params)
@@ -373,16 +388,7 @@ class Kernel:
 
     def _check_mask_args(self, causal, window, prefix_len, document_ids):
         spec = self.spec
-        if not isinstance(causal, (bool, np.bool_)):
-            raise TypeError(f"causal must be True or False, got {causal!r}")
-        if window is not None and not causal:
-            raise ValueError("window (sliding window) needs causal=True")
-        if prefix_len is not None and not causal:
-            raise ValueError("prefix_len (prefix-LM) needs causal=True")
-        given = ("window" if window is not None else "prefix" if prefix_len is not None
-                 else "causal" if causal else "none")
-        if window is not None and prefix_len is not None:
-            raise ValueError("give at most one of window and prefix_len")
+        given = mask_mode(causal, window, prefix_len)
         if given != spec.mask:
             raise ValueError(f"kernel {spec.slug} was built for mask={spec.mask!r}, but the "
                              f"arguments ask for mask={given!r}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernel import as_array
+from .kernel import as_array, whole_number
 
 
 def _check_new(name, array, batch, heads_kv, head_dim, dtype):
@@ -52,8 +52,7 @@ class KVCache:
                  dtype=np.float32):
         for name, value in (("batch", batch), ("heads_kv", heads_kv), ("head_dim", head_dim),
                             ("capacity", capacity)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            whole_number(value, name, 1)
         self.dtype = np.dtype(dtype)
         self.k = np.zeros((batch, heads_kv, capacity, head_dim), self.dtype)
         self.v = np.zeros_like(self.k)
@@ -103,8 +102,7 @@ class PagedKVCache:
                  page_size: int = 16, max_pages_per_seq: int | None = None, dtype=np.float32):
         for name, value in (("batch", batch), ("heads_kv", heads_kv), ("head_dim", head_dim),
                             ("num_pages", num_pages), ("page_size", page_size)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            whole_number(value, name, 1)
         max_pages_per_seq = max_pages_per_seq or num_pages
         self.dtype = np.dtype(dtype)
         self.k_pages = np.zeros((num_pages, heads_kv, page_size, head_dim), self.dtype)

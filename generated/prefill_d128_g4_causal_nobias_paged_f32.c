@@ -282,12 +282,12 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
         st->row_qpos[r] = qpos_base + qi;
         const elem_t *src = (const elem_t *)p->q + b * p->q_stride[0] + h * p->q_stride[1]
                             + qi * p->q_stride[2];
-        for (int d = 0; d < HEAD_DIM; d++) dst[d] = elem_to_float(src[d]) * p->scale;
-        for (int d = HEAD_DIM; d < DP; d++) dst[d] = 0.0f;
-        if (BF16_DOT) {
+        if (BF16_DOT) {   /* the bf16 paths read unscaled pairs and scale the scores */
             uint32_t *pairs = st->q2 + r * (DP / 2);
             for (int d = 0; d < HEAD_DIM; d += 2)
                 pairs[d / 2] = (uint32_t)src[d] | (uint32_t)src[d + 1] << 16;
+        } else {
+            for (int d = 0; d < HEAD_DIM; d++) dst[d] = elem_to_float(src[d]) * p->scale;
         }
     }
 }
@@ -487,15 +487,9 @@ INLINE void softmax_row_update(tile_state *st, int64_t r)
 static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end, int visibility)
 {
-    if (DIRECT_KV) {
-        locate_kv_rows(p, st, b, hkv, k0, nk, k_end);
-        qk_rows_direct(p, st, nk);
-    } else if (BF16_DOT) {
-    } else {
-        pack_kv_tile(p, st, b, hkv, k0, nk);
-        for (int64_t r = 0; r < st->rows_pad; r += ROWS)
-            qk_block(st->q + r * DP, st->kt, st->s + r * BK);
-    }
+    pack_kv_tile(p, st, b, hkv, k0, nk);
+    for (int64_t r = 0; r < st->rows_pad; r += ROWS)
+        qk_block(st->q + r * DP, st->kt, st->s + r * BK);
     int need_mask = HAS_MASK && visibility == TILE_PARTIAL;
     vf cap = vbroadcast(p->softcap), inv_cap = vbroadcast(HAS_SOFTCAP ? 1.0f / p->softcap : 0.0f);
     for (int64_t r = 0; r < st->rows; r++) {
