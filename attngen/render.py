@@ -48,6 +48,8 @@ DEFAULT_TILES = {
     "avx2": TileConfig(2, 4, 4, 128),
     "generic": TileConfig(2, 4, 4, 128),
 }
+# Decode keeps this many bytes of each of K and V prefetched ahead of the rows it reads.
+PREFETCH_BYTES = 16384
 # A decode KV partition covers at least this many keys (4 tiles on AVX-512).
 DECODE_MIN_KEYS_PER_SPLIT = 256
 
@@ -81,7 +83,19 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
         "direct_kv": spec.phase == "decode" and spec.head_dim % (2 * vl if bf16_dot else vl) == 0,
         "bf16_dot": bf16_dot,
         "fold_levels": _fold_levels(vl),
+        "qk_direct_rows": _qk_direct_rows(spec, params, bf16_dot),
+        # Keys whose rows decode prefetches ahead: about 16 KiB of each of K and V in flight.
+        "prefetch_keys": max(16, PREFETCH_BYTES // (spec.head_dim * (4 if spec.dtype == "f32" else 2))),
     }
+
+
+def _qk_direct_rows(spec: AttentionSpec, params: IsaParams, bf16_dot: bool) -> int:
+    """Query rows decode scores at once in place: their query vectors take at most half the
+    register file (32 vectors on AVX-512, 16 otherwise), and no more than 4 rows."""
+    vl = params.vector_width
+    vectors_per_row = -(-spec.head_dim // (2 * vl if bf16_dot else vl))
+    registers = 32 if vl == 16 else 16
+    return max(1, min(4, registers // 2 // vectors_per_row))
 
 
 def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
@@ -102,8 +116,11 @@ def _fold_levels(vl: int) -> list[dict]:
     vector of each pair, and lanes swap with lane ^ w."""
     levels, w = [], vl // 2
     while w >= 1:
-        levels.append({"width": w, "upper": [-1 if i & w else 0 for i in range(vl)],
-                       "xor": [i ^ w for i in range(vl)]})
+        # Two-source shuffle indices (>= vl picks the second vector): `keep` takes each
+        # lane from the vector that owns it, `swap` its partner lane from the other one.
+        levels.append({"width": w, "xor": [i ^ w for i in range(vl)],
+                       "keep": [vl + i if i & w else i for i in range(vl)],
+                       "swap": [vl + (i ^ w) if i & w else i ^ w for i in range(vl)]})
         w //= 2
     return levels
 

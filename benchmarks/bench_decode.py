@@ -14,9 +14,9 @@ Contenders, checked against the float64 reference, then timed round-robin on the
 * numpy            scores = k @ q per kv head (the GQA group together), softmax, v.T @ p
 * torch            scaled_dot_product_attention(q, k, v, enable_gqa=True) (if installed)
 
-GB/s = bytes of K and V in the contender's storage dtype / median time. The machine's read
-bandwidth (membw.py, all cores) is measured in the same run; "of peak" is attngen's GB/s
-over it.
+GB/s = bytes of K and V in the contender's storage dtype / median time. The read bandwidth
+of the case's own K and V (membw.py, all cores) is measured in the same rounds; "of peak" is
+attngen's GB/s over it.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def numpy_decode(q, k, v):
     return out
 
 
-def run_case(case, repeats, threads, torch, memory_read):
+def run_case(case, repeats, threads, torch):
     B, Hq, Hkv, S = case
     rng = np.random.default_rng(0)
     q = rng.standard_normal((B, Hq, 1, HEAD_DIM), dtype=np.float32)
@@ -100,7 +100,7 @@ def run_case(case, repeats, threads, torch, memory_read):
         sdpa = torch.nn.functional.scaled_dot_product_attention
         contenders["torch"] = (lambda: sdpa(tq, tk, tv, enable_gqa=True), kv_bytes, "f32")
 
-    read, read_bytes = memory_read
+    read, read_bytes = membw.reader(threads, arrays=[k, v])
     contenders["memory read"] = (read, read_bytes, None)
 
     ref = attention_reference(q, k, v, causal=True)
@@ -129,9 +129,10 @@ def render(results, names, machine, args) -> str:
              f"round-robin on the same arrays: each turn is {GAP} s idle, one untimed call, then "
              f"{BURST} timed back-to-back calls (decode steps run back to back).", "",
              f"- Date: {harness.today()}", *machine.lines(),
-             f"- Memory read: `membw.c` streaming a 0.5 GiB array with {args.threads} threads, "
-             "timed in every case's rounds beside the contenders (it drifts between runs on "
-             "this shared machine, so each case's 'of peak' uses its own)",
+             f"- Memory read: `membw.c` streaming the case's own fp32 K and V arrays once with "
+             f"{args.threads} threads, timed in every case's rounds beside the contenders. It "
+             "drifts between runs and between allocations on this shared machine (30-63 GB/s), "
+             "so each case's 'of peak' uses its own, on the same pages attngen reads",
              f"- Reproduce: `python benchmarks/bench_decode.py --repeats {args.repeats}`", ""]
     headers = ["B", "Hq", "Hkv", "Skv"] + [f"{n} ms (GB/s)" for n in names] + ["memory read GB/s",
         "attngen of peak", "split speed-up", "bf16 speed-up"]
@@ -164,10 +165,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch = harness.load_torch(args.threads)
     machine = harness.machine_info(torch)
-    memory_read = membw.reader(args.threads)
     results = []
     for case in CASES:
-        r = run_case(case, args.repeats, args.threads, torch, memory_read)
+        r = run_case(case, args.repeats, args.threads, torch)
         results.append(r)
         print(case, {n: f"{t.median * 1e3:.2f} ms" for n, t in r["timings"].items()}, flush=True)
     names = [n for n in results[0]["timings"] if n != "memory read"]

@@ -14,7 +14,7 @@ Timing (harness.time_round_robin): contenders interleaved round-robin, 0.25 s id
 each turn, waiting for a quiet machine and redoing rounds that other processes disturbed
 (more than 0.1 cores busy). Prefill: one call per turn. Decode: one untimed call, then a
 burst of 5 back-to-back calls per turn (as a model's decode steps run), beside a memory
-read kernel (membw.py) timed in the same rounds. flex_attention's first call (the
+read kernel (membw.py) that streams the case's own fp32 K and V, timed in the same rounds. flex_attention's first call (the
 torch.compile) is timed on its own and reported as its compile time.
 
 In the same run, the machine's fp32 matmul ceilings (harness.matmul_ceiling, and
@@ -97,7 +97,8 @@ def burst(fn):
 
 
 class Session:
-    """What lasts across cases: threads, torch, the memory reader, disabled peers."""
+    """What lasts across cases: threads, torch, the current case's memory reader, disabled
+    peers."""
 
     def __init__(self, args, threads, torch):
         self.args, self.threads, self.torch = args, threads, torch
@@ -105,11 +106,13 @@ class Session:
         self.kernels: dict = {}                # (case, dtype) -> attngen kernel build info
         self._reader = None
 
-    def memory_reader(self):
-        if self._reader is None:
+    def memory_reader(self, inputs):
+        """Reads this case's own K and V in the storage dtype of the timed contenders'
+        fp32 runs (the same pages for every dtype of the case)."""
+        if self._reader is None or self._reader[0] is not inputs:
             import membw
-            self._reader = membw.reader(self.threads)
-        return self._reader
+            self._reader = (inputs, membw.reader(self.threads, arrays=[inputs.k, inputs.v]))
+        return self._reader[1]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -174,7 +177,7 @@ def run_dtype(session: Session, case: AttnCase, inputs, dtype: str, ref, checked
         timings = harness.time_round_robin(calls, args.repeats, warmup=0, gap=args.gap,
                                            max_other=args.max_other, stats=stats)
     else:
-        read, read_bytes = session.memory_reader()
+        read, read_bytes = session.memory_reader(inputs)
         calls["memory read"] = read
         nbytes["memory read"] = read_bytes
         timings = harness.time_round_robin({n: burst(fn) for n, fn in calls.items()},
@@ -459,8 +462,8 @@ def render(results, session: Session, machine, measured: tuple, versions: dict,
              "everyone (causal S(S+1)/2 pairs, window Σ min(i+1, w), documents Σ L(L+1)/2). "
              f"Decode: one untimed call then {BURST} back-to-back timed calls per turn; "
              "cell = median ms per call (GB/s of K+V read in the contender's storage dtype); "
-             "the memory read kernel (`membw.c`, all threads, 0.5 GiB) is timed in the same "
-             "rounds. **attngen speed-up = best peer's median / attngen's median** (> 1: "
+             "the memory read kernel (`membw.c`, all threads, over the case's own fp32 K and V) "
+             "is timed in the same rounds. **attngen speed-up = best peer's median / attngen's median** (> 1: "
              "attngen is faster). bf16 runs use the same values as fp32 (inputs are "
              "bf16-representable). flex compile = the first call's wall time "
              f"(torch.compile, {session.flex_cache_note}; the run's first compile also pays "

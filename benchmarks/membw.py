@@ -3,6 +3,7 @@ the same compiler and flags as attngen's kernels (numpy's own reductions are far
 than the memory, so they cannot measure it)."""
 from __future__ import annotations
 
+import functools
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from attngen import toolchain
 SOURCE = Path(__file__).resolve().parent / "membw.c"
 
 
+@functools.lru_cache(maxsize=None)
 def _library():
     tc = toolchain.detect()
     build = Path(tempfile.mkdtemp(prefix="attngen-membw-"))
@@ -26,19 +28,28 @@ def _library():
     return ffi, ffi.dlopen(str(build / "membw.so"))
 
 
-def reader(threads: int, gib: float = 0.5):
-    """(read, nbytes): read() streams a `gib` GiB float32 array once with `threads` threads,
-    so it can be timed beside other contenders."""
+def reader(threads: int, gib: float = 0.5, arrays=None):
+    """(read, nbytes): read() streams once, with `threads` threads, either the given
+    `arrays` (C-contiguous; a decode case's own K and V, so the reference reads the very
+    pages attngen reads) or a fresh `gib` GiB float32 array, so it can be timed beside
+    other contenders."""
     ffi, lib = _library()
-    n = int(gib * (1 << 30)) // 4 // 64 * 64
-    data = np.ones(n, dtype=np.float32)
-    ptr = ffi.cast("const float *", data.ctypes.data)
+    if arrays is None:
+        n = int(gib * (1 << 30)) // 4 // 64 * 64
+        arrays = [np.ones(n, dtype=np.float32)]
+    spans = []
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            raise ValueError("membw.reader needs C-contiguous arrays")
+        floats = a.nbytes // 4 // 64 * 64          # whole 256-byte steps
+        spans.append((ffi.cast("const float *", a.ctypes.data), floats))
 
     def read():
-        return lib.read_sum(ptr, n, threads) + 0 * data[0]   # keeps `data` alive
+        total = sum(lib.read_sum(ptr, n, threads) for ptr, n in spans)
+        return total + 0 * len(arrays)             # keeps `arrays` alive
 
     read()     # touch every page first
-    return read, data.nbytes
+    return read, sum(n * 4 for _, n in spans)
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:

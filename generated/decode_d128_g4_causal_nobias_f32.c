@@ -20,6 +20,7 @@
 #define BK (KCOLS * VL)                          /* keys per K/V tile */
 #define ROWS 4                      /* query rows per micro-kernel block */
 #define PV_CHUNK 8              /* output vectors per P.V block */
+#define QK_DIRECT_ROWS 2        /* query rows held in registers while scoring in place */
 /* Read K/V rows in place instead of packing tiles: pays when few query rows share a tile
  * (decode); needs whole vectors per row. */
 #define DIRECT_KV 1
@@ -56,7 +57,9 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef float vf_unaligned __attribute__((vector_size(VL * 4), aligned(4)));
 
-INLINE vf vbroadcast(float x) { return (vf){0} + x; }
+/* Every lane x. Not (vf){0} + x: 0.0f + x must round -0.0f to +0.0f, so that form costs a
+ * scalar add before every broadcast. */
+INLINE vf vbroadcast(float x) { return (vf){ x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x }; }
 INLINE vf vload(const float *p) { return *(const vf *)p; }
 INLINE vf vload_unaligned(const float *p) { return *(const vf_unaligned *)p; }
 INLINE void vstore(float *p, vf x) { *(vf *)p = x; }
@@ -72,17 +75,22 @@ INLINE vf load_elems(const elem_t *p) { return vload_unaligned(p); }
 typedef elem_t kvrow_t;
 INLINE vf load_kvrow(const kvrow_t *p) { return load_elems(p); }
 
+/* Horizontal max and sum by halving folds (log2 VL shuffles), not VL scalar steps. */
 INLINE float vreduce_max(vf x)
 {
-    float m = x[0];
-    for (int i = 1; i < VL; i++) m = x[i] > m ? x[i] : m;
-    return m;
+    x = vmax(x, __builtin_shuffle(x, (vi){ 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7 }));
+    x = vmax(x, __builtin_shuffle(x, (vi){ 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11 }));
+    x = vmax(x, __builtin_shuffle(x, (vi){ 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13 }));
+    x = vmax(x, __builtin_shuffle(x, (vi){ 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14 }));
+    return x[0];
 }
 INLINE float vreduce_add(vf x)
 {
-    float s = 0.0f;
-    for (int i = 0; i < VL; i++) s += x[i];
-    return s;
+    x += __builtin_shuffle(x, (vi){ 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7 });
+    x += __builtin_shuffle(x, (vi){ 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11 });
+    x += __builtin_shuffle(x, (vi){ 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13 });
+    x += __builtin_shuffle(x, (vi){ 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14 });
+    return x[0];
 }
 
 /* exp(x) for x <= 0, relative error ~1e-7. Inputs below -86 (including -inf, the masked
@@ -201,7 +209,7 @@ typedef struct {
     void *zero_row;           /* [DP] zeros: the K/V row of padding keys */
     const kvrow_t *krows[BK]; /* where each key's K row is read from (DIRECT_KV) */
     const kvrow_t *vrows[BK]; /* where each key's V row is read from (tile or in place) */
-    const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on, or NULL */
+    const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on */
     const elem_t *vahead[BK];
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
     uint32_t *kt2;            /* BF16_DOT: [DP/2][BK] K tile, one d-pair per key */
@@ -313,27 +321,29 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
 
 /* Point at keys [k0, k0 + nk) where they lie (padding keys read a zero row), and at the
  * keys PREFETCH_KEYS further on (below k_end), which the loops below prefetch as they go:
- * decode does little work per byte, so it must keep loads in flight while it computes. */
-#define PREFETCH_KEYS (2 * BK)
+ * decode does little work per byte, and this CPU's own prefetchers stop fetching ahead once
+ * compute fills the core, so software keeps about 16 KiB of each stream in flight. */
+#define PREFETCH_KEYS 32
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end)
 {
     for (int64_t j = 0; j < nk; j++) {
         st->krows[j] = (const kvrow_t *)kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
         st->vrows[j] = (const kvrow_t *)kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
-        int64_t ahead = k0 + j + PREFETCH_KEYS;
-        st->kahead[j] = ahead < k_end ? kv_row(p, p->k, p->k_stride, b, hkv, ahead) : NULL;
-        st->vahead[j] = ahead < k_end ? kv_row(p, p->v, p->v_stride, b, hkv, ahead) : NULL;
+        /* Near the end, "ahead" is this key itself: a prefetch of a cached line is cheap
+         * and keeps the loops free of branches. */
+        int64_t ahead = k0 + j + PREFETCH_KEYS < k_end ? k0 + j + PREFETCH_KEYS : k0 + j;
+        st->kahead[j] = kv_row(p, p->k, p->k_stride, b, hkv, ahead);
+        st->vahead[j] = kv_row(p, p->v, p->v_stride, b, hkv, ahead);
     }
     for (int64_t j = nk; j < BK; j++) {
         st->krows[j] = st->vrows[j] = (const kvrow_t *)st->zero_row;
-        st->kahead[j] = st->vahead[j] = NULL;
+        st->kahead[j] = st->vahead[j] = (const elem_t *)st->zero_row;
     }
 }
 
 INLINE void prefetch_row(const elem_t *row)
 {
-    if (!row) return;
     for (int line = 0; line < HEAD_DIM * (int)sizeof(elem_t); line += 64)
         __builtin_prefetch((const char *)row + line, 0, 3);
 }
@@ -360,63 +370,80 @@ INLINE void qk_block(const float *restrict q, const float *restrict kt, float *r
 
 /* Horizontal sums of VL vectors at once: lane i of the result is the sum of v[i]'s lanes.
  * Each level folds pairs so that lanes with bit w set carry the second vector's partial
- * sums: VL - 1 folds of a blend, a permute and an add, instead of VL scalar reductions. */
+ * sums: VL - 1 folds of a blend, a two-source permute and an add, instead of VL scalar
+ * reductions. */
 INLINE vf transpose_sum(vf v[VL])
 {
     {
-        const vi upper = { 0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1 };
-        const vi swap_lanes = { 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7 };
+        const vi keep = { 0, 1, 2, 3, 4, 5, 6, 7, 24, 25, 26, 27, 28, 29, 30, 31 };
+        const vi swap = { 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23 };
         for (int m = 0; m < 8; m++) {
             vf x = v[m], y = v[m + 8];
-            v[m] = vselect(upper, y, x) + __builtin_shuffle(vselect(upper, x, y), swap_lanes);
+            v[m] = __builtin_shuffle(x, y, keep) + __builtin_shuffle(x, y, swap);
         }
     }
     {
-        const vi upper = { 0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1 };
-        const vi swap_lanes = { 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11 };
+        const vi keep = { 0, 1, 2, 3, 20, 21, 22, 23, 8, 9, 10, 11, 28, 29, 30, 31 };
+        const vi swap = { 4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27 };
         for (int m = 0; m < 4; m++) {
             vf x = v[m], y = v[m + 4];
-            v[m] = vselect(upper, y, x) + __builtin_shuffle(vselect(upper, x, y), swap_lanes);
+            v[m] = __builtin_shuffle(x, y, keep) + __builtin_shuffle(x, y, swap);
         }
     }
     {
-        const vi upper = { 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1 };
-        const vi swap_lanes = { 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13 };
+        const vi keep = { 0, 1, 18, 19, 4, 5, 22, 23, 8, 9, 26, 27, 12, 13, 30, 31 };
+        const vi swap = { 2, 3, 16, 17, 6, 7, 20, 21, 10, 11, 24, 25, 14, 15, 28, 29 };
         for (int m = 0; m < 2; m++) {
             vf x = v[m], y = v[m + 2];
-            v[m] = vselect(upper, y, x) + __builtin_shuffle(vselect(upper, x, y), swap_lanes);
+            v[m] = __builtin_shuffle(x, y, keep) + __builtin_shuffle(x, y, swap);
         }
     }
     {
-        const vi upper = { 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1 };
-        const vi swap_lanes = { 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14 };
+        const vi keep = { 0, 17, 2, 19, 4, 21, 6, 23, 8, 25, 10, 27, 12, 29, 14, 31 };
+        const vi swap = { 1, 16, 3, 18, 5, 20, 7, 22, 9, 24, 11, 26, 13, 28, 15, 30 };
         for (int m = 0; m < 1; m++) {
             vf x = v[m], y = v[m + 1];
-            v[m] = vselect(upper, y, x) + __builtin_shuffle(vselect(upper, x, y), swap_lanes);
+            v[m] = __builtin_shuffle(x, y, keep) + __builtin_shuffle(x, y, swap);
         }
     }
     return v[0];
 }
 
-/* s[r][j] = q[r] . k_j for every live row, reading K rows in place (DIRECT_KV): VL keys at
- * a time (every row uses them while they are in L1) into VL accumulators, one transpose-sum
- * per row. Padding keys read the zero row. */
+/* Scores of rows [r0, r0 + nr) against keys [j0, j0 + VL), K rows read in place
+ * (DIRECT_KV): the rows' queries stay in registers, each K vector is loaded once for all nr
+ * rows, and every dot product keeps two partial sums (half the FMA dependency chain). One
+ * transpose-sum per row. Padding keys read the zero row. The first row block also
+ * prefetches the K rows PREFETCH_KEYS ahead, one row per key, so the loads stay spread out. */
+INLINE void qk_direct_block(const attngen_params *p, tile_state *st, int64_t r0, int64_t j0,
+                            const int nr)
+{
+    vf part[QK_DIRECT_ROWS][VL];
+    (void)p;
+    vf q[QK_DIRECT_ROWS][DVEC];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < DVEC; c++) q[r][c] = vload(st->q + (r0 + r) * DP + c * VL);
+    for (int jj = 0; jj < VL; jj++) {
+        const kvrow_t *k = st->krows[j0 + jj];
+        if (r0 == 0) prefetch_row(st->kahead[j0 + jj]);
+        vf acc[2][QK_DIRECT_ROWS];
+        for (int r = 0; r < nr; r++) acc[0][r] = acc[1][r] = vbroadcast(0.0f);
+        for (int c = 0; c < DVEC; c++) {
+            vf kc = load_kvrow(k + c * VL);
+            for (int r = 0; r < nr; r++) acc[c & 1][r] += q[r][c] * kc;
+        }
+        for (int r = 0; r < nr; r++) part[r][jj] = acc[0][r] + acc[1][r];
+    }
+    for (int r = 0; r < nr; r++) vstore(st->s + (r0 + r) * BK + j0, transpose_sum(part[r]));
+}
+
+/* s[r][j] = q[r] . k_j for every live row and key of the tile, K read in place. */
 static void qk_rows_direct(const attngen_params *p, tile_state *st, int64_t nk)
 {
     for (int64_t j0 = 0; j0 < nk; j0 += VL) {
-        for (int jj = 0; jj < VL; jj++) prefetch_row(st->kahead[j0 + jj]);
-        for (int64_t r = 0; r < st->rows; r++) {
-            vf q[DVEC];
-            for (int c = 0; c < DVEC; c++) q[c] = vload(st->q + r * DP + c * VL);
-            vf acc[VL];
-            for (int jj = 0; jj < VL; jj++) {
-                const kvrow_t *k = st->krows[j0 + jj];
-                vf sum = q[0] * load_kvrow(k);
-                for (int c = 1; c < DVEC; c++) sum += q[c] * load_kvrow(k + c * VL);
-                acc[jj] = sum;
-            }
-            vstore(st->s + r * BK + j0, transpose_sum(acc));
-        }
+        int64_t r0 = 0;
+        for (; r0 + QK_DIRECT_ROWS <= st->rows; r0 += QK_DIRECT_ROWS)
+            qk_direct_block(p, st, r0, j0, QK_DIRECT_ROWS);
+        for (; r0 < st->rows; r0++) qk_direct_block(p, st, r0, j0, 1);
     }
 }
 
