@@ -41,10 +41,12 @@ class TileConfig:
 # Accumulators (rows x kcols and rows x pv_chunk) plus operands fit the register file:
 # 32 zmm on AVX-512, 16 ymm/xmm on AVX2 and the generic SSE/NEON build. The AVX-512 default
 # won a sweep on causal, softcap D=256 and D=64 prefill on a Zen 5 (benchmarks/RESULTS.md);
-# a prefill item's Q, O and score blocks stay in L2.
+# a prefill item's Q, O and score blocks stay in L2. Items of 256 rows beat 128, 192 and 384
+# by 2-4% on causal D=128 at S=2048 and 4096 once V was read in place (fewer K tiles packed
+# per row; more causal waste only from 384 rows).
 DEFAULT_TILES = {
-    "avx512bf16": TileConfig(6, 4, 4, 192),
-    "avx512": TileConfig(6, 4, 4, 192),
+    "avx512bf16": TileConfig(6, 4, 4, 256),
+    "avx512": TileConfig(6, 4, 4, 256),
     "avx2": TileConfig(2, 4, 4, 128),
     "generic": TileConfig(2, 4, 4, 128),
 }
@@ -120,7 +122,10 @@ def _fold_levels(vl: int) -> list[dict]:
         # lane from the vector that owns it, `swap` its partner lane from the other one.
         levels.append({"width": w, "xor": [i ^ w for i in range(vl)],
                        "keep": [vl + i if i & w else i for i in range(vl)],
-                       "swap": [vl + (i ^ w) if i & w else i ^ w for i in range(vl)]})
+                       "swap": [vl + (i ^ w) if i & w else i ^ w for i in range(vl)],
+                       # transpose_block: the pair's rows after swapping off-diagonal halves
+                       "low": [vl + i - w if i & w else i for i in range(vl)],
+                       "high": [vl + i if i & w else i + w for i in range(vl)]})
         w //= 2
     return levels
 

@@ -24,7 +24,7 @@ TUNING_NAME = "tuning.json"
 
 # A few blockings worth timing per ISA (the default first).
 CANDIDATES = {
-    "avx512bf16": [TileConfig(6, 4, 4, 192), TileConfig(4, 4, 4, 128), TileConfig(6, 4, 4, 256),
+    "avx512bf16": [TileConfig(6, 4, 4, 256), TileConfig(4, 4, 4, 128), TileConfig(6, 4, 4, 192),
                    TileConfig(6, 3, 4, 192), TileConfig(8, 3, 3, 256), TileConfig(8, 2, 2, 128)],
     "avx2": [TileConfig(2, 4, 4, 128), TileConfig(3, 3, 3, 128), TileConfig(4, 2, 2, 128),
              TileConfig(2, 4, 4, 256)],
