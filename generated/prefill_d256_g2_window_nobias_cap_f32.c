@@ -276,6 +276,7 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
 static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                             int64_t q0, int64_t nq, int64_t qpos_base)
 {
+    const float scale = p->scale;   /* a local: stores to dst cannot alias it, so it vectorises */
     st->rows = GQA * nq;
     st->rows_pad = (st->rows + ROWS - 1) / ROWS * ROWS;
     for (int64_t r = 0; r < st->rows_pad; r++) {
@@ -298,7 +299,7 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
             for (int d = 0; d < HEAD_DIM; d += 2)
                 pairs[d / 2] = (uint32_t)src[d] | (uint32_t)src[d + 1] << 16;
         } else {
-            for (int d = 0; d < HEAD_DIM; d++) dst[d] = elem_to_float(src[d]) * p->scale;
+            for (int d = 0; d < HEAD_DIM; d++) dst[d] = elem_to_float(src[d]) * scale;
         }
     }
 }
