@@ -114,8 +114,9 @@ def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
 
 
 def _fold_levels(vl: int) -> list[dict]:
-    """Constants of the transpose-sum: at width w, lanes with bit w set take the second
-    vector of each pair, and lanes swap with lane ^ w."""
+    """Shuffle constants per halving width w (VL/2 down to 1): `xor` pairs lane i with lane
+    i ^ w (horizontal max and sum), `keep` / `swap` fold two vectors (transpose-sum), `low` /
+    `high` exchange off-diagonal halves (transpose_block)."""
     levels, w = [], vl // 2
     while w >= 1:
         # Two-source shuffle indices (>= vl picks the second vector): `keep` takes each

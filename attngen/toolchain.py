@@ -18,8 +18,6 @@ BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-er
 # Portable -march levels for the fallbacks, used when the ISA is forced below native.
 PORTABLE_MARCH = {"avx512bf16": "-march=x86-64-v4 -mavx512bf16", "avx512": "-march=x86-64-v4",
                   "avx2": "-march=x86-64-v3", "generic": ""}
-# Floats per SIMD register the templates are written for.
-VECTOR_WIDTH = {"avx512bf16": 16, "avx512": 16, "avx2": 8, "generic": 4}
 
 
 @dataclass(frozen=True)
@@ -29,10 +27,6 @@ class Toolchain:
     isa: str                 # avx512bf16 / avx512 / avx2 / generic
     features: frozenset      # e.g. {"avx512f", "avx512bf16", "fma", "f16c"}
     arch_flags: tuple        # concrete -march/-m flags
-
-    @property
-    def vector_width(self) -> int:
-        return VECTOR_WIDTH[self.isa]
 
     def compile_command(self, source: str, output: str) -> list[str]:
         """Path-free command: run it inside the directory that holds `source`."""

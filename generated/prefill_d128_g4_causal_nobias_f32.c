@@ -122,7 +122,7 @@ INLINE vf vexp(vf x)
  * would cancel), (1 - e) / (1 + e) with e = exp(-2|x|) above; the sign restored last. */
 INLINE vf vtanh(vf x)
 {
-    const vi sign_bit = (vi){0} + (-2147483647 - 1);   /* not vbroadcast(-0.0f): 0 + -0 = +0 */
+    const vi sign_bit = (vi)vbroadcast(-0.0f);
     vi sign = (vi)x & sign_bit;
     vf a = (vf)((vi)x & ~sign_bit);
     vf e = vexp(a * vbroadcast(-2.0f));
@@ -349,42 +349,42 @@ INLINE void transpose_block(vf v[VL])
     }
 }
 
+/* Where key k0 + j's K or V row lies; keys past nk (tile padding) read the zero row. */
+INLINE const elem_t *tile_row(const attngen_params *p, const tile_state *st, const void *base,
+                              const int64_t *stride, int64_t b, int64_t hkv, int64_t k0,
+                              int64_t j, int64_t nk)
+{
+    return j < nk ? kv_row(p, base, stride, b, hkv, k0 + j) : (const elem_t *)st->zero_row;
+}
+
 /* Copy keys [k0, k0 + nk) into the transposed K tile, VL x VL blocks at a time, and point
  * at their V rows: in place when they are contiguous float rows, else copied into the V
- * tile. Missing keys are zero. */
+ * tile. Padding keys are zero. */
 static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                          int64_t k0, int64_t nk)
 {
     const elem_t *krows[BK];
-    for (int64_t j = 0; j < BK; j++)
-        krows[j] = j < nk ? kv_row(p, p->k, p->k_stride, b, hkv, k0 + j) : NULL;
+    for (int64_t j = 0; j < BK; j++) krows[j] = tile_row(p, st, p->k, p->k_stride, b, hkv, k0, j, nk);
 #if HEAD_DIM % VL == 0
     for (int j0 = 0; j0 < BK; j0 += VL)
         for (int d0 = 0; d0 < HEAD_DIM; d0 += VL) {
             vf block[VL];
-            for (int jj = 0; jj < VL; jj++)
-                block[jj] = krows[j0 + jj] ? load_elems(krows[j0 + jj] + d0) : vbroadcast(0.0f);
+            for (int jj = 0; jj < VL; jj++) block[jj] = load_elems(krows[j0 + jj] + d0);
             transpose_block(block);
             for (int dd = 0; dd < VL; dd++) vstore(st->kt + (d0 + dd) * BK + j0, block[dd]);
         }
 #else
     for (int64_t j = 0; j < BK; j++)
-        for (int d = 0; d < HEAD_DIM; d++)
-            st->kt[d * BK + j] = krows[j] ? elem_to_float(krows[j][d]) : 0.0f;
+        for (int d = 0; d < HEAD_DIM; d++) st->kt[d * BK + j] = elem_to_float(krows[j][d]);
 #endif
     int in_place = V_IN_PLACE && p->v_stride[2] == HEAD_DIM;
     for (int64_t j = 0; j < BK; j++) {
-        float *vdst = st->vt + j * DP;
-        if (j >= nk) {
-            memset(vdst, 0, sizeof(float) * HEAD_DIM);
-            st->vrows[j] = (const kvrow_t *)vdst;
-            continue;
-        }
-        const elem_t *vrow = kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
-        if (in_place) {
+        const elem_t *vrow = tile_row(p, st, p->v, p->v_stride, b, hkv, k0, j, nk);
+        if (in_place || j >= nk) {
             st->vrows[j] = (const kvrow_t *)vrow;
             continue;
         }
+        float *vdst = st->vt + j * DP;
         for (int d = 0; d < HEAD_DIM; d++) vdst[d] = elem_to_float(vrow[d]);
         st->vrows[j] = (const kvrow_t *)vdst;
     }
@@ -518,7 +518,8 @@ static void qk_rows_direct(const attngen_params *p, tile_state *st, int64_t nk)
     }
 }
 
-/* o[r][cols] += sum_j p[r][j] * v_j[cols] for ROWS rows and NC vectors from column c0. */
+/* o[r][cols] += sum_j p[r][j] * v_j[cols] for ROWS rows and NC vectors from column c0.
+ * With vahead (DIRECT_KV, first row block only) it also prefetches the V rows ahead. */
 INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
                           const kvrow_t *const *vrows, const elem_t *const *vahead,
                           int c0, const int nc)
@@ -527,7 +528,7 @@ INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vload(o + r * DP + (c0 + c) * VL);
     for (int j = 0; j < BK; j++) {
-        if (DIRECT_KV && c0 == 0) prefetch_row(vahead[j]);
+        if (DIRECT_KV && vahead && c0 == 0) prefetch_row(vahead[j]);
         vf vvec[PV_CHUNK];
         for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(vrows[j] + (c0 + c) * VL);
         for (int r = 0; r < ROWS; r++) {
@@ -606,7 +607,7 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
     }
     for (int64_t r = st->rows; r < st->rows_pad; r++) memset(st->s + r * BK, 0, sizeof(float) * BK);
     for (int64_t r = 0; r < st->rows_pad; r += ROWS)
-        pv_block(st->o + r * DP, st->s + r * BK, st->vrows, st->vahead);
+        pv_block(st->o + r * DP, st->s + r * BK, st->vrows, r == 0 ? st->vahead : NULL);
 }
 
 /* Normalise and store row r (max m, sum l, unnormalised output o). A row that saw no key
