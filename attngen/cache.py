@@ -8,6 +8,7 @@ its library is a miss and is rebuilt; a published, valid entry is never rewritte
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -52,7 +53,12 @@ class CacheEntry:
 
 
 def root() -> Path:
-    return config.cache_dir() / f"v{CACHE_FORMAT}"
+    return _versioned(config.cache_dir())
+
+
+@functools.lru_cache(maxsize=16)
+def _versioned(directory: Path) -> Path:    # asked on every kernel lookup: keep it cheap
+    return directory / f"v{CACHE_FORMAT}"
 
 
 def cache_key(spec: AttentionSpec, source: str, command: list[str], toolchain: Toolchain) -> str:

@@ -10,6 +10,7 @@ ATTNGEN_EXTRA_CFLAGS  extra compiler flags, appended (and hashed into the cache 
 """
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
@@ -23,8 +24,16 @@ def _get(name: str) -> str | None:
     return value or None
 
 
+# The environment is read on every call, so a changed variable takes effect at once; what
+# a value resolves to is remembered, since every kernel lookup asks (a PATH search or a
+# path resolution costs 15-40 us, many times a kernel call's own overhead).
+
 def cache_dir() -> Path:
-    override = _get("ATTNGEN_CACHE_DIR")
+    return _resolve_cache_dir(_get("ATTNGEN_CACHE_DIR"))
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve_cache_dir(override: str | None) -> Path:
     if override:
         return Path(override).expanduser().resolve()
     import platformdirs
@@ -37,6 +46,11 @@ def compiler() -> str:
     for candidate in (_get("ATTNGEN_CC"), _get("CC")):
         if candidate:
             return candidate
+    return _default_compiler()
+
+
+@functools.cache
+def _default_compiler() -> str:
     return "gcc" if shutil.which("gcc") else "cc"
 
 
@@ -47,10 +61,16 @@ def forced_isa() -> str | None:
     return isa
 
 
+@functools.cache
+def _usable_cores() -> int:
+    """Cores this process may run on, read once: the syscall costs ~1 us of every call."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_num_threads() -> int:
     value = _get("ATTNGEN_NUM_THREADS")
     if value is None:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return _usable_cores()
     threads = int(value)
     if threads < 1:
         raise ValueError(f"ATTNGEN_NUM_THREADS must be >= 1, got {value!r}")

@@ -75,23 +75,40 @@ def _is_torch(x) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
+_CTYPES = {name: ffi.typeof(name) for name in
+           ("const void *", "void *", "float *", "const float *", "const int32_t *")}
+
+
 def _ptr(ctype: str, array: np.ndarray | None):
-    return ffi.NULL if array is None else ffi.cast(ctype, array.ctypes.data)
+    """The address of array's first element as a `ctype`. A dense array goes through the
+    buffer protocol (five times cheaper than .ctypes, which builds an object per call)."""
+    if array is None:
+        return ffi.NULL
+    ctype = _CTYPES[ctype]
+    if array.flags.c_contiguous:
+        try:
+            return ffi.cast(ctype, ffi.from_buffer(array))
+        except (TypeError, ValueError, BufferError):
+            pass    # an exporter that refuses a plain buffer: take the slow way
+    return ffi.cast(ctype, array.ctypes.data)
 
 
 def _element_strides(array: np.ndarray, name: str) -> tuple[int, ...]:
     """Strides in elements; the last dimension must be contiguous."""
-    itemsize = array.itemsize
+    itemsize, strides = array.itemsize, array.strides
     if array.size == 0:     # numpy gives empty arrays zero strides; nothing is read
         return (0,) * array.ndim
-    if array.shape[-1] > 1 and array.strides[-1] != itemsize:
+    if array.shape[-1] > 1 and strides[-1] != itemsize:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride "
-                         f"{itemsize} bytes), got strides {array.strides}; "
+                         f"{itemsize} bytes), got strides {strides}; "
                          f"pass np.ascontiguousarray({name}) or a view whose last axis is dense")
-    if any(s % itemsize for s in array.strides):
-        raise ValueError(f"{name} has strides {array.strides} that are not multiples of its "
+    combined = 0
+    for stride in strides:
+        combined |= stride
+    if combined % itemsize:     # item sizes are powers of two: one test covers every stride
+        raise ValueError(f"{name} has strides {strides} that are not multiples of its "
                          f"item size {itemsize}")
-    return tuple(s // itemsize for s in array.strides)
+    return tuple([stride // itemsize for stride in strides])
 
 
 def _int_array(x, name: str, shape: tuple) -> np.ndarray:

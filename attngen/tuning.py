@@ -6,6 +6,7 @@ tuned kernel is a cache entry of its own. A missing or unreadable file means def
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -38,7 +39,12 @@ _loaded: dict = {}   # path -> (mtime_ns, size, table)
 def _path(isa: str) -> Path:
     from .cache import root
 
-    return root() / isa / TUNING_NAME
+    return _join(root(), isa)
+
+
+@functools.lru_cache(maxsize=64)
+def _join(root: Path, isa: str) -> Path:    # asked on every kernel lookup: keep it cheap
+    return root / isa / TUNING_NAME
 
 
 def _table(isa: str) -> dict:

@@ -29,6 +29,22 @@ def test_strided_views_are_read_in_place():
     assert np.abs(out - ref).max() < 1e-5
 
 
+def test_read_only_inputs_and_offset_views():
+    # Dense arrays are passed by address through the buffer protocol: a read-only array must
+    # be accepted, and a dense slice must be read from its own first element, not its base's.
+    q, k, v = (rng.standard_normal((3, 4, 24, 32)).astype(np.float32) for _ in range(3))
+    for array in (q, k, v):
+        array.flags.writeable = False
+    q1, k1, v1 = q[1:], k[1:], v[1:]
+    assert q1.flags.c_contiguous and q1.ctypes.data != q.ctypes.data
+    out = np.empty((4, 4, 24, 32), np.float32)[2:]   # a writeable dense slice as out
+    attngen.attention(q1, k1, v1, causal=True, out=out)
+    assert np.abs(out - attention_reference(q1, k1, v1, causal=True)).max() < 1e-5
+    decoded = attngen.attention(q1[:, :, -1:], k1, v1, causal=True)
+    ref = attention_reference(q1[:, :, -1:], k1, v1, causal=True)
+    assert np.abs(decoded - ref).max() < 1e-5
+
+
 def test_scale_argument():
     q, k, v = (rng.standard_normal((1, 2, 20, 16)).astype(np.float32) for _ in range(3))
     out = attngen.attention(q, k, v, scale=0.3)
