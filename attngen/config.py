@@ -24,9 +24,9 @@ def _get(name: str) -> str | None:
     return value or None
 
 
-# The environment is read on every call, so a changed variable takes effect at once; what
-# a value resolves to is remembered, since every kernel lookup asks (a PATH search or a
-# path resolution costs 15-40 us, many times a kernel call's own overhead).
+# The variables are read on every call, so a changed one takes effect at once. What they
+# resolve to (a cache path, and the default compiler's PATH search, done once) is
+# remembered: every kernel lookup asks, and each costs 15-40 us, more than a call's C work.
 
 def cache_dir() -> Path:
     return _resolve_cache_dir(_get("ATTNGEN_CACHE_DIR"))
