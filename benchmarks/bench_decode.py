@@ -6,6 +6,7 @@ Cases (D = 128, fp32 cache unless noted):
     B=1, Hq=32, Hkv=8, Skv = 4096, 16384, 65536
     B=1, Hq=4,  Hkv=1, Skv = 65536      (one kv head: only splitting the KV keeps 2 cores busy)
     B=8, Hq=32, Hkv=8, Skv = 4096
+and the fixed cost of a step: B=1, Hq=32, Hkv=8, Skv = 16.
 
 Contenders, checked against the float64 reference, then timed round-robin on the same arrays:
 * attngen          attngen.attention(q, k, v, causal=True): the decode kernel, split chosen
@@ -122,7 +123,42 @@ def run_case(case, repeats, threads, torch):
             "bytes": {n: c[1] for n, c in contenders.items()}}
 
 
-def render(results, names, machine, args) -> str:
+OVERHEAD_CASE = (1, 32, 8, 16)   # so few keys that a step is almost all fixed cost
+OVERHEAD_CALLS = 200             # back-to-back calls per timed sample
+
+
+def call_overhead(threads, torch) -> dict[str, float]:
+    """Median seconds of one decode step over OVERHEAD_CASE: the kernel object called
+    directly, attngen.attention (which also finds the kernel), and torch SDPA."""
+    B, Hq, Hkv, S = OVERHEAD_CASE
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, Hq, 1, HEAD_DIM), dtype=np.float32)
+    k, v = (rng.standard_normal((B, Hkv, S, HEAD_DIM), dtype=np.float32) for _ in range(2))
+    out = np.empty_like(q)
+    kernel = attngen.get_kernel(attngen.api.spec_for_call(q, k, v, causal=True))
+    steps = {
+        "attngen kernel call": lambda: kernel(q, k, v, causal=True, out=out, num_threads=threads),
+        "attngen.attention": lambda: attngen.attention(q, k, v, causal=True, out=out,
+                                                       num_threads=threads),
+    }
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        steps["torch SDPA"] = lambda: sdpa(tq, tk, tv, enable_gqa=True)
+
+    def many(fn):
+        def run():
+            for _ in range(OVERHEAD_CALLS):
+                fn()
+        return run
+    # One contender at a time, calls back to back as a model's steps are: an idle gap lets
+    # this VM park the OpenMP workers' cores, and waking them costs more than a step.
+    # torch goes last, so its spinning pool never competes with attngen's threads.
+    return {n: harness.time_calls(many(fn), 15, warmup=3).median / OVERHEAD_CALLS
+            for n, fn in steps.items()}
+
+
+def render(results, names, machine, args, overhead) -> str:
     lines = ["## Decode", "",
              "One new token per sequence (Sq = 1) against a KV cache of Skv keys, D = 128, "
              "causal; fp32 unless noted. Median of the timed calls, contenders interleaved "
@@ -154,6 +190,10 @@ def render(results, names, machine, args) -> str:
                   for r in results[:1]) + " (first case; every case is checked).",
               "", "Rounds redone because other processes were busy: "
               + ", ".join(str(r["stats"].rounds_discarded) for r in results) + "."]
+    B, Hq, Hkv, S = OVERHEAD_CASE
+    lines += ["", f"Fixed cost of a step: B={B} Hq={Hq} Hkv={Hkv} Skv={S}, median per call "
+              f"over {OVERHEAD_CALLS} back-to-back calls: "
+              + ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in overhead.items()) + "."]
     return "\n".join(lines)
 
 
@@ -170,8 +210,10 @@ def main(argv=None) -> int:
         r = run_case(case, args.repeats, args.threads, torch)
         results.append(r)
         print(case, {n: f"{t.median * 1e3:.2f} ms" for n, t in r["timings"].items()}, flush=True)
+    overhead = call_overhead(args.threads, torch)
+    print("fixed cost per step:", {n: f"{t * 1e6:.1f} us" for n, t in overhead.items()})
     names = [n for n in results[0]["timings"] if n != "memory read"]
-    section = render(results, names, machine, args)
+    section = render(results, names, machine, args, overhead)
     harness.write_section(SECTION, section, args.output)
     print(section)
     return 0
