@@ -460,11 +460,23 @@ INLINE void prefetch_row(const elem_t *row)
 static void pack_kv_tile_bf16(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                               int64_t k0, int64_t nk)
 {
-    for (int64_t j = 0; j < BK; j++) {
-        const elem_t *krow = tile_row(p, st, p->k, p->k_stride, b, hkv, k0, j, nk);
+    const elem_t *krows[BK];
+    for (int64_t j = 0; j < BK; j++) krows[j] = tile_row(p, st, p->k, p->k_stride, b, hkv, k0, j, nk);
+#if (HEAD_DIM / 2) % VL == 0
+    /* A K row read as 32-bit words is already its d-pairs: transposing VL x VL blocks of
+     * words builds kt2 (memcpy: the words are bf16 storage, moved bit for bit). */
+    for (int j0 = 0; j0 < BK; j0 += VL)
+        for (int dp0 = 0; dp0 < HEAD_DIM / 2; dp0 += VL) {
+            vf block[VL];
+            for (int jj = 0; jj < VL; jj++) memcpy(&block[jj], krows[j0 + jj] + 2 * dp0, sizeof(vf));
+            transpose_block(block);
+            for (int dd = 0; dd < VL; dd++) memcpy(st->kt2 + (dp0 + dd) * BK + j0, &block[dd], sizeof(vf));
+        }
+#else
+    for (int64_t j = 0; j < BK; j++)
         for (int dp = 0; dp < HEAD_DIM / 2; dp++)
-            st->kt2[dp * BK + j] = (uint32_t)krow[2 * dp] | (uint32_t)krow[2 * dp + 1] << 16;
-    }
+            st->kt2[dp * BK + j] = (uint32_t)krows[j][2 * dp] | (uint32_t)krows[j][2 * dp + 1] << 16;
+#endif
     for (int64_t jp = 0; jp < BK / 2; jp++) {
         const elem_t *v0 = tile_row(p, st, p->v, p->v_stride, b, hkv, k0, 2 * jp, nk);
         const elem_t *v1 = tile_row(p, st, p->v, p->v_stride, b, hkv, k0, 2 * jp + 1, nk);
