@@ -378,9 +378,9 @@ INLINE const elem_t *tile_row(const attngen_params *p, const tile_state *st, con
     return j < nk ? kv_row(p, base, stride, b, hkv, k0 + j) : (const elem_t *)st->zero_row;
 }
 
-/* Copy keys [k0, k0 + nk) into the transposed K tile, VL x VL blocks at a time, and point
- * at their V rows: in place when they are contiguous float rows, else copied into the V
- * tile. Padding keys are zero. */
+/* Copy keys [k0, k0 + nk) into the transposed K tile, VL x VL blocks at a time (padding
+ * keys zero), and point at their V rows: in place when they are contiguous float rows, else
+ * copied into the V tile. P.V stops at nk, so padding keys need no V row. */
 static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                          int64_t k0, int64_t nk)
 {
@@ -399,9 +399,9 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
         for (int d = 0; d < HEAD_DIM; d++) st->kt[d * BK + j] = elem_to_float(krows[j][d]);
 #endif
     int in_place = V_IN_PLACE && p->v_stride[2] == HEAD_DIM;
-    for (int64_t j = 0; j < BK; j++) {
-        const elem_t *vrow = tile_row(p, st, p->v, p->v_stride, b, hkv, k0, j, nk);
-        if (in_place || j >= nk) {
+    for (int64_t j = 0; j < nk; j++) {
+        const elem_t *vrow = kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
+        if (in_place) {
             st->vrows[j] = (const kvrow_t *)vrow;
             continue;
         }
@@ -411,7 +411,7 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
     }
 }
 
-/* Point at keys [k0, k0 + nk) where they lie (padding keys read a zero row), and at the
+/* Point at keys [k0, k0 + nk) where they lie (padding K rows read a zero row), and at the
  * keys PREFETCH_KEYS further on (below k_end), which the loops below prefetch as they go:
  * decode does little work per byte, and this CPU's own prefetchers stop fetching ahead once
  * compute fills the core, so software keeps about 16 KiB of each stream in flight. */
@@ -428,9 +428,9 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
         st->kahead[j] = kv_row(p, p->k, p->k_stride, b, hkv, ahead);
         st->vahead[j] = kv_row(p, p->v, p->v_stride, b, hkv, ahead);
     }
-    for (int64_t j = nk; j < BK; j++) {
-        st->krows[j] = st->vrows[j] = (const kvrow_t *)st->zero_row;
-        st->kahead[j] = st->vahead[j] = (const elem_t *)st->zero_row;
+    for (int64_t j = nk; j < BK; j++) {   /* Q.K scores whole vectors of keys; P.V stops at nk */
+        st->krows[j] = (const kvrow_t *)st->zero_row;
+        st->kahead[j] = (const elem_t *)st->zero_row;
     }
 }
 
@@ -462,7 +462,7 @@ INLINE void qk_block(const float *restrict q, const float *restrict kt, float *r
 
 /* Horizontal sums of VL vectors at once: lane i of the result is the sum of v[i]'s lanes.
  * Each level folds pairs so that lanes with bit w set carry the second vector's partial
- * sums: VL - 1 folds of a blend, a two-source permute and an add, instead of VL scalar
+ * sums: VL - 1 folds of two two-source shuffles and an add, instead of VL scalar
  * reductions. */
 INLINE vf transpose_sum(vf v[VL])
 {
