@@ -115,8 +115,8 @@ def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
 
 def _fold_levels(vl: int) -> list[dict]:
     """Shuffle constants per halving width w (VL/2 down to 1): `xor` pairs lane i with lane
-    i ^ w (horizontal max and sum), `keep` / `swap` fold two vectors (transpose-sum), `low` /
-    `high` exchange off-diagonal halves (transpose_block)."""
+    i ^ w (horizontal max and sum), `keep` / `swap` fold two vectors (transposed sums and
+    maxima), `low` / `high` exchange off-diagonal halves (transpose_block)."""
     levels, w = [], vl // 2
     while w >= 1:
         # Two-source shuffle indices (>= vl picks the second vector): `keep` takes each

@@ -58,15 +58,19 @@ enum { ATTNGEN_OK = 0, ATTNGEN_ENOMEM = 1 };
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef float vf_unaligned __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi_unaligned __attribute__((vector_size(VL * 4), aligned(4)));
 
 /* Every lane x. Not (vf){0} + x: 0.0f + x must round -0.0f to +0.0f, so that form costs a
  * scalar add before every broadcast. */
 INLINE vf vbroadcast(float x) { return (vf){ x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x }; }
+INLINE vi vbroadcast_i(int32_t x) { return (vi){ x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x }; }
+INLINE vi vlane(void) { return (vi){ 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 }; }   /* 0, 1, ... */
 INLINE vf vload(const float *p) { return *(const vf *)p; }
 INLINE vf vload_unaligned(const float *p) { return *(const vf_unaligned *)p; }
 INLINE void vstore(float *p, vf x) { *(vf *)p = x; }
 INLINE vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 INLINE vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+INLINE vf vadd(vf a, vf b) { return a + b; }
 
 typedef float elem_t;
 INLINE float elem_to_float(elem_t x) { return x; }
@@ -147,13 +151,30 @@ static inline float score_mod(const attngen_params *p, float s, int64_t b, int64
 #define HAS_SCORE_MOD 0
 #define HAS_SOFTCAP 0
 
-/* 1 if the query at qpos may see the key at kpos (keys past kv_len never reach here). */
-static inline int mask_keep(const attngen_params *p, int64_t b, int64_t qpos, int64_t kpos)
+/* Hide (-inf) the keys k0 + j, j < nk, of one tile row that the query at qpos may not see.
+ * Visibility as tile-relative bounds: j in [lo, hi), or j < pre (the prefix), and the same
+ * document. They fit in 32 bits, so whole vectors of keys are decided by a few compares. */
+static inline void mask_row(const attngen_params *p, float *s, int64_t b, int64_t qpos,
+                            int64_t k0, int64_t nk)
 {
-    int keep = 1;
-    keep = kpos <= qpos;
-    (void)p; (void)b; (void)qpos; (void)kpos;
-    return keep;
+    int64_t lo = 0, hi = nk, pre = 0;
+    hi = qpos + 1 - k0;                       /* kpos <= qpos */
+    lo = lo < 0 ? 0 : (lo > nk ? nk : lo);
+    hi = hi < 0 ? 0 : (hi > nk ? nk : hi);
+    pre = pre < 0 ? 0 : (pre > nk ? nk : pre);
+    const vi vlo = vbroadcast_i((int32_t)lo), vhi = vbroadcast_i((int32_t)hi);
+    const vi vpre = vbroadcast_i((int32_t)pre);
+    int64_t j0 = 0;
+    for (; j0 + VL <= nk; j0 += VL) {
+        vi j = vlane() + (int32_t)j0;
+        vi keep = ((j >= vlo) & (j < vhi)) | (j < vpre);
+        vstore(s + j0, vselect(keep, vload(s + j0), vbroadcast(-INFINITY)));
+    }
+    for (int64_t j = j0; j < nk; j++) {
+        int keep = (j >= lo && j < hi) || j < pre;
+        if (!keep) s[j] = -INFINITY;
+    }
+    (void)p; (void)b; (void)qpos;
 }
 #define HAS_MASK 1
 
@@ -459,10 +480,10 @@ INLINE void qk_block(const float *restrict q, const float *restrict kt, float *r
         for (int c = 0; c < KCOLS; c++) vstore(s + r * BK + c * VL, acc[r][c]);
 }
 
-/* Horizontal sums of VL vectors at once: lane i of the result is the sum of v[i]'s lanes.
- * Each level folds pairs so that lanes with bit w set carry the second vector's partial
- * sums: VL - 1 folds of two two-source shuffles and an add, instead of VL scalar
- * reductions. */
+/* Horizontal sums (maxima) of VL vectors at once: lane i of the result is the sum (max) of
+ * v[i]'s lanes. Each level folds pairs so that lanes with bit w set carry the second
+ * vector's partial results: VL - 1 folds of two two-source shuffles and an add, instead of
+ * VL scalar reductions. */
 INLINE vf transpose_sum(vf v[VL])
 {
     {
@@ -470,7 +491,7 @@ INLINE vf transpose_sum(vf v[VL])
         const vi swap = { 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23 };
         for (int m = 0; m < 8; m++) {
             vf x = v[m], y = v[m + 8];
-            v[m] = __builtin_shuffle(x, y, keep) + __builtin_shuffle(x, y, swap);
+            v[m] = vadd(__builtin_shuffle(x, y, keep), __builtin_shuffle(x, y, swap));
         }
     }
     {
@@ -478,7 +499,7 @@ INLINE vf transpose_sum(vf v[VL])
         const vi swap = { 4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27 };
         for (int m = 0; m < 4; m++) {
             vf x = v[m], y = v[m + 4];
-            v[m] = __builtin_shuffle(x, y, keep) + __builtin_shuffle(x, y, swap);
+            v[m] = vadd(__builtin_shuffle(x, y, keep), __builtin_shuffle(x, y, swap));
         }
     }
     {
@@ -486,7 +507,7 @@ INLINE vf transpose_sum(vf v[VL])
         const vi swap = { 2, 3, 16, 17, 6, 7, 20, 21, 10, 11, 24, 25, 14, 15, 28, 29 };
         for (int m = 0; m < 2; m++) {
             vf x = v[m], y = v[m + 2];
-            v[m] = __builtin_shuffle(x, y, keep) + __builtin_shuffle(x, y, swap);
+            v[m] = vadd(__builtin_shuffle(x, y, keep), __builtin_shuffle(x, y, swap));
         }
     }
     {
@@ -494,7 +515,43 @@ INLINE vf transpose_sum(vf v[VL])
         const vi swap = { 1, 16, 3, 18, 5, 20, 7, 22, 9, 24, 11, 26, 13, 28, 15, 30 };
         for (int m = 0; m < 1; m++) {
             vf x = v[m], y = v[m + 1];
-            v[m] = __builtin_shuffle(x, y, keep) + __builtin_shuffle(x, y, swap);
+            v[m] = vadd(__builtin_shuffle(x, y, keep), __builtin_shuffle(x, y, swap));
+        }
+    }
+    return v[0];
+}
+INLINE vf transpose_max(vf v[VL])
+{
+    {
+        const vi keep = { 0, 1, 2, 3, 4, 5, 6, 7, 24, 25, 26, 27, 28, 29, 30, 31 };
+        const vi swap = { 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23 };
+        for (int m = 0; m < 8; m++) {
+            vf x = v[m], y = v[m + 8];
+            v[m] = vmax(__builtin_shuffle(x, y, keep), __builtin_shuffle(x, y, swap));
+        }
+    }
+    {
+        const vi keep = { 0, 1, 2, 3, 20, 21, 22, 23, 8, 9, 10, 11, 28, 29, 30, 31 };
+        const vi swap = { 4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27 };
+        for (int m = 0; m < 4; m++) {
+            vf x = v[m], y = v[m + 4];
+            v[m] = vmax(__builtin_shuffle(x, y, keep), __builtin_shuffle(x, y, swap));
+        }
+    }
+    {
+        const vi keep = { 0, 1, 18, 19, 4, 5, 22, 23, 8, 9, 26, 27, 12, 13, 30, 31 };
+        const vi swap = { 2, 3, 16, 17, 6, 7, 20, 21, 10, 11, 24, 25, 14, 15, 28, 29 };
+        for (int m = 0; m < 2; m++) {
+            vf x = v[m], y = v[m + 2];
+            v[m] = vmax(__builtin_shuffle(x, y, keep), __builtin_shuffle(x, y, swap));
+        }
+    }
+    {
+        const vi keep = { 0, 17, 2, 19, 4, 21, 6, 23, 8, 25, 10, 27, 12, 29, 14, 31 };
+        const vi swap = { 1, 16, 3, 18, 5, 20, 7, 22, 9, 24, 11, 26, 13, 28, 15, 30 };
+        for (int m = 0; m < 1; m++) {
+            vf x = v[m], y = v[m + 1];
+            v[m] = vmax(__builtin_shuffle(x, y, keep), __builtin_shuffle(x, y, swap));
         }
     }
     return v[0];
@@ -602,6 +659,44 @@ INLINE void softmax_row_update(tile_state *st, int64_t r)
     st->m[r] = m_new;
 }
 
+/* softmax_row_update for rows [r0, r0 + VL) at once. Their maxima and sums come out of
+ * transposed reductions as one vector each, so the rows' exps are independent work that
+ * overlaps, where one row at a time waits on its own chain of reductions. Prefill's blocks
+ * of many rows take this path; decode's few rows the one above, where a group would be
+ * mostly empty lanes. */
+INLINE void softmax_group_update(tile_state *st, int64_t r0)
+{
+    vf part[VL];
+    for (int i = 0; i < VL; i++) {
+        const float *s = st->s + (r0 + i) * BK;
+        part[i] = vload(s);
+        for (int c = 1; c < KCOLS; c++) part[i] = vmax(part[i], vload(s + c * VL));
+    }
+    vf m_old = vload(st->m + r0);
+    vf m_new = vmax(m_old, transpose_max(part));
+    /* Rows that have seen no key yet subtract 0: their -inf scores then give exactly 0. */
+    vf m_sub = vselect(m_new == vbroadcast(-INFINITY), vbroadcast(0.0f), m_new);
+    vf alpha = vexp(m_old - m_sub);      /* 1 where the max held, 0 before a first visible key */
+    for (int i = 0; i < VL; i++) {
+        float *s = st->s + (r0 + i) * BK;
+        vf vm = vbroadcast(m_sub[i]);
+        part[i] = vbroadcast(0.0f);
+        for (int c = 0; c < KCOLS; c++) {
+            vf e = vexp(vload(s + c * VL) - vm);
+            vstore(s + c * VL, e);
+            part[i] += e;
+        }
+    }
+    vstore(st->l + r0, vload(st->l + r0) * alpha + transpose_sum(part));
+    vstore(st->m + r0, m_new);
+    for (int i = 0; i < VL; i++) {
+        if (alpha[i] == 1.0f) continue;
+        float *o = st->o + (r0 + i) * DP;
+        vf va = vbroadcast(alpha[i]);
+        for (int c = 0; c < DVEC; c++) vstore(o + c * VL, vload(o + c * VL) * va);
+    }
+}
+
 /* Attend every row of st to keys [k0, k0 + nk): pack the tile once for the whole GQA group
  * (or find its rows in place), score, apply hooks and mask (only where needed), update the
  * softmax, accumulate P.V. */
@@ -616,17 +711,16 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
         float *s = st->s + r * BK;
         if (HAS_SOFTCAP)
             for (int c = 0; c < KCOLS; c++) vstore(s + c * VL, cap * vtanh(vload(s + c * VL) * inv_cap));
-        if (HAS_SCORE_MOD || need_mask) {
-            int64_t h = st->row_head[r], qi = st->row_qi[r], qpos = st->row_qpos[r];
-            for (int64_t j = 0; j < nk; j++) {
-                float x = score_mod(p, s[j], b, h, qi, qpos, k0 + j);
-                s[j] = (!need_mask || mask_keep(p, b, qpos, k0 + j)) ? x : -INFINITY;
-            }
-        }
+        if (HAS_SCORE_MOD)
+            for (int64_t j = 0; j < nk; j++)
+                s[j] = score_mod(p, s[j], b, st->row_head[r], st->row_qi[r], st->row_qpos[r], k0 + j);
+        if (need_mask) mask_row(p, s, b, st->row_qpos[r], k0, nk);
         for (int64_t j = nk; j < BK; j++) s[j] = -INFINITY;
-        softmax_row_update(st, r);
     }
-    for (int64_t r = st->rows; r < st->rows_pad; r++) memset(st->s + r * BK, 0, sizeof(float) * BK);
+    int64_t r = 0;
+    for (; r + VL <= st->rows; r += VL) softmax_group_update(st, r);
+    for (; r < st->rows; r++) softmax_row_update(st, r);
+    for (r = st->rows; r < st->rows_pad; r++) memset(st->s + r * BK, 0, sizeof(float) * BK);
     for (int64_t r = 0; r < st->rows_pad; r += ROWS)
         pv_block(st->o + r * DP, st->s + r * BK, st->vrows, r == 0 ? st->vahead : NULL, nk);
 }
