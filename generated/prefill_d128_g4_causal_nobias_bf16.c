@@ -653,47 +653,6 @@ INLINE vf transpose_max(vf v[VL])
     return v[0];
 }
 
-/* Scores of rows [r0, r0 + nr) against keys [j0, j0 + VL), K rows read in place
- * (DIRECT_KV): the rows' queries stay in registers, each K vector is loaded once for all nr
- * rows, and every dot product keeps two partial sums (half the FMA dependency chain). One
- * transpose-sum per row. Padding keys read the zero row. The first row block also
- * prefetches the K rows PREFETCH_KEYS ahead, one row per key, so the loads stay spread out. */
-INLINE void qk_direct_block(const attngen_params *p, tile_state *st, int64_t r0, int64_t j0,
-                            const int nr)
-{
-    vf part[QK_DIRECT_ROWS][VL];
-    /* bf16 pairs straight from the K rows: 2 * VL dimensions per instruction. */
-    enum { QW = DP / (2 * VL) };
-    __m512i q[QK_DIRECT_ROWS][QW];
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < QW; c++) q[r][c] = _mm512_load_si512(st->q2 + (r0 + r) * (DP / 2) + c * VL);
-    for (int jj = 0; jj < VL; jj++) {
-        const elem_t *k = st->krows[j0 + jj];
-        if (r0 == 0) prefetch_row(st->kahead[j0 + jj]);
-        __m512 acc[2][QK_DIRECT_ROWS];
-        for (int r = 0; r < nr; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
-        for (int c = 0; c < QW; c++) {
-            __m512bh kc = (__m512bh)_mm512_loadu_si512(k + c * 2 * VL);
-            for (int r = 0; r < nr; r++)
-                acc[c & 1][r] = _mm512_dpbf16_ps(acc[c & 1][r], (__m512bh)q[r][c], kc);
-        }
-        for (int r = 0; r < nr; r++) part[r][jj] = (vf)acc[0][r] + (vf)acc[1][r];
-    }
-    for (int r = 0; r < nr; r++)
-        vstore(st->s + (r0 + r) * BK + j0, transpose_sum(part[r]) * vbroadcast(p->scale));
-}
-
-/* s[r][j] = q[r] . k_j for every live row and key of the tile, K read in place. */
-static void qk_rows_direct(const attngen_params *p, tile_state *st, int64_t nk)
-{
-    for (int64_t j0 = 0; j0 < nk; j0 += VL) {
-        int64_t r0 = 0;
-        for (; r0 + QK_DIRECT_ROWS <= st->rows; r0 += QK_DIRECT_ROWS)
-            qk_direct_block(p, st, r0, j0, QK_DIRECT_ROWS);
-        for (; r0 < st->rows; r0++) qk_direct_block(p, st, r0, j0, 1);
-    }
-}
-
 /* o[r][cols] += sum_j p[r][j] * v_j[cols] over the tile's first nk keys (padding keys have
  * p = 0: skipping them saves a short decode most of its P.V work), for ROWS rows and NC
  * vectors from column c0. With vahead (DIRECT_KV, first row block only) it also prefetches
