@@ -79,6 +79,10 @@ INLINE vf load_elems(const elem_t *p)
 {
     return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
+INLINE void store_elems(elem_t *p, vf x)
+{
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT));
+}
 
 /* K/V rows are read as stored (DIRECT_KV) or from this thread's packed float tile. */
 typedef elem_t kvrow_t;
@@ -742,7 +746,9 @@ static void store_row(const attngen_params *p, int64_t b, int64_t h, int64_t qi,
         factor = 1.0f / l;
         lse = m + logf(l);
     }
-    for (int d = 0; d < HEAD_DIM; d++) dst[d] = float_to_elem(o[d] * factor);
+    int d = 0;
+    for (; d + VL <= HEAD_DIM; d += VL) store_elems(dst + d, vload(o + d) * vbroadcast(factor));
+    for (; d < HEAD_DIM; d++) dst[d] = float_to_elem(o[d] * factor);
     if (p->lse) p->lse[(b * p->heads_q + h) * p->seq_q + qi] = lse;
 }
 

@@ -92,6 +92,13 @@ INLINE vf load_elems(const elem_t *p)
     vu32 wide = __builtin_convertvector(*(const vu16 *)p, vu32);
     return (vf)(wide << 16);
 }
+INLINE void store_elems(elem_t *p, vf x)
+{
+    vu32 u = (vu32)x;
+    vu32 nan = (vu32)((u & 0x7fffffffu) > 0x7f800000u);
+    vu32 bits = (((u >> 16) | 0x40u) & nan) | (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan);
+    *(vu16 *)p = __builtin_convertvector(bits, vu16);
+}
 
 /* K/V rows are read as stored (DIRECT_KV) or from this thread's packed float tile. */
 typedef float kvrow_t;
@@ -508,9 +515,10 @@ static void pack_kv_tile_bf16(const attngen_params *p, tile_state *st, int64_t b
     }
 }
 
-/* s[r][0..BK) = q[r] . k_j on bf16 pairs (unscaled; the caller applies the scale). */
+/* s[r][0..BK) = scale * q[r] . k_j on bf16 pairs: the pairs are unscaled so that rounding
+ * them to bf16 does not depend on the scale. */
 INLINE void qk_block_bf16(const uint32_t *restrict q2, const uint32_t *restrict kt2,
-                          float *restrict s)
+                          float *restrict s, float scale)
 {
     __m512 acc[ROWS][KCOLS];
     for (int r = 0; r < ROWS; r++)
@@ -525,7 +533,8 @@ INLINE void qk_block_bf16(const uint32_t *restrict q2, const uint32_t *restrict 
         }
     }
     for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < KCOLS; c++) _mm512_store_ps(s + r * BK + c * VL, acc[r][c]);
+        for (int c = 0; c < KCOLS; c++)
+            _mm512_store_ps(s + r * BK + c * VL, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale)));
 }
 
 /* o[r][cols] += sum_j p[r][j] * v_j[cols] on bf16 key-pairs, NC vectors from column c0. */
@@ -762,12 +771,8 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
                            int64_t k0, int64_t nk, int64_t k_end, int visibility)
 {
     pack_kv_tile_bf16(p, st, b, hkv, k0, nk);
-    vf scale = vbroadcast(p->scale);
-    for (int64_t r = 0; r < st->rows_pad; r += ROWS) {
-        qk_block_bf16(st->q2 + r * (DP / 2), st->kt2, st->s + r * BK);
-        for (int64_t i = 0; i < ROWS * KCOLS; i++)
-            vstore(st->s + r * BK + i * VL, vload(st->s + r * BK + i * VL) * scale);
-    }
+    for (int64_t r = 0; r < st->rows_pad; r += ROWS)
+        qk_block_bf16(st->q2 + r * (DP / 2), st->kt2, st->s + r * BK, p->scale);
     int need_mask = HAS_MASK && visibility == TILE_PARTIAL;
     vf cap = vbroadcast(p->softcap), inv_cap = vbroadcast(HAS_SOFTCAP ? 1.0f / p->softcap : 0.0f);
     for (int64_t r = 0; r < st->rows; r++) {
@@ -804,7 +809,9 @@ static void store_row(const attngen_params *p, int64_t b, int64_t h, int64_t qi,
         factor = 1.0f / l;
         lse = m + logf(l);
     }
-    for (int d = 0; d < HEAD_DIM; d++) dst[d] = float_to_elem(o[d] * factor);
+    int d = 0;
+    for (; d + VL <= HEAD_DIM; d += VL) store_elems(dst + d, vload(o + d) * vbroadcast(factor));
+    for (; d < HEAD_DIM; d++) dst[d] = float_to_elem(o[d] * factor);
     if (p->lse) p->lse[(b * p->heads_q + h) * p->seq_q + qi] = lse;
 }
 

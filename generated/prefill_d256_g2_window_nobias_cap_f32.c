@@ -76,6 +76,7 @@ typedef float elem_t;
 INLINE float elem_to_float(elem_t x) { return x; }
 INLINE elem_t float_to_elem(float x) { return x; }
 INLINE vf load_elems(const elem_t *p) { return vload_unaligned(p); }
+INLINE void store_elems(elem_t *p, vf x) { *(vf_unaligned *)p = x; }
 
 /* K/V rows are read as stored (DIRECT_KV) or from this thread's packed float tile. */
 typedef float kvrow_t;
@@ -704,7 +705,9 @@ static void store_row(const attngen_params *p, int64_t b, int64_t h, int64_t qi,
         factor = 1.0f / l;
         lse = m + logf(l);
     }
-    for (int d = 0; d < HEAD_DIM; d++) dst[d] = float_to_elem(o[d] * factor);
+    int d = 0;
+    for (; d + VL <= HEAD_DIM; d += VL) store_elems(dst + d, vload(o + d) * vbroadcast(factor));
+    for (; d < HEAD_DIM; d++) dst[d] = float_to_elem(o[d] * factor);
     if (p->lse) p->lse[(b * p->heads_q + h) * p->seq_q + qi] = lse;
 }
 

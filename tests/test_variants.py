@@ -61,3 +61,29 @@ def test_results_do_not_depend_on_thread_count(manifest_kernels):
     three = kernel(case.q, case.k, case.v, num_threads=3, **case.kwargs)
     np.testing.assert_array_equal(one, two)
     np.testing.assert_array_equal(one, three)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("head_dim", [128, 40])   # whole vectors, and vectors plus a tail
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_output_rounds_to_nearest_even(dtype, head_dim, phase):
+    """The float32 result is rounded to the storage type the way numpy rounds it, ties to
+    even, with NaN kept. Zero queries weigh two keys equally, so the output is (v0 + v1) / 2,
+    exact in float32 for values of one binade: any rounding difference shows."""
+    import attngen
+    from attngen.kernel import NUMPY_DTYPE
+    dtype_np = NUMPY_DTYPE[dtype]
+    rng = np.random.default_rng(11)
+    seq_q = 2 if phase == "prefill" else 1
+    q = np.zeros((1, 2, seq_q, head_dim), dtype=dtype_np)
+    k = rng.standard_normal((1, 2, 2, head_dim)).astype(dtype_np)
+    v = (rng.uniform(1.0, 2.0, (1, 2, 2, head_dim))
+         * rng.choice([-1.0, 1.0], (1, 2, 2, head_dim))).astype(dtype_np)
+    v[0, 1, :, 3] = np.nan
+    out = attngen.attention(q, k, v, phase=phase)
+    half_sum = (v[:, :, 0].astype(np.float32) + v[:, :, 1].astype(np.float32)) / np.float32(2)
+    expected = np.broadcast_to(half_sum[:, :, None], out.shape).astype(dtype_np)
+    assert np.isnan(out[0, 1, :, 3].astype(np.float32)).all()
+    np.testing.assert_array_equal(out.view(np.uint16)[~np.isnan(expected.astype(np.float32))],
+                                  expected.view(np.uint16)[~np.isnan(expected.astype(np.float32))])
+    assert (half_sum.astype(dtype_np).astype(np.float32) != half_sum).any(), "no rounding tested"
