@@ -12,8 +12,9 @@ run). Contenders and how they are called: see peer_contenders.py.
 
 Timing (harness.time_round_robin): contenders interleaved round-robin, 0.25 s idle before
 each turn, waiting for a quiet machine and redoing rounds that other processes disturbed
-(more than 0.1 cores busy). Prefill: one call per turn. Decode: one untimed call, then a
-burst of 5 back-to-back calls per turn (as a model's decode steps run), beside a memory
+(more than 0.1 cores busy). Each turn starts with one untimed call (the cores run slow
+right after idling). Prefill: then one timed call. Decode: then a burst of 5
+back-to-back calls (as a model's decode steps run), beside a memory
 read kernel (membw.py) that streams the case's own fp32 K and V, timed in the same rounds. flex_attention's first call (the
 torch.compile) is timed on its own and reported as its compile time.
 
@@ -175,7 +176,8 @@ def run_dtype(session: Session, case: AttnCase, inputs, dtype: str, ref, checked
     nbytes = {name: case.kv_bytes(dtype) for name in calls}
     if case.phase == "prefill":
         timings = harness.time_round_robin(calls, args.repeats, warmup=0, gap=args.gap,
-                                           max_other=args.max_other, stats=stats)
+                                           max_other=args.max_other, stats=stats,
+                                           settle=True)
     else:
         read, read_bytes = session.memory_reader(inputs)
         calls["memory read"] = read
@@ -457,10 +459,11 @@ def render(results, session: Session, machine, measured: tuple, versions: dict,
                 is not None else "") + ")",
              f"- Reproduce (from the repository root): `{command_line(args)}`", "",
              f"Median of {args.repeats} timed rounds, contenders interleaved round-robin with "
-             f"{args.gap:g} s idle before each turn. Prefill: one call per turn; cell = "
+             f"{args.gap:g} s idle and one untimed call (the cores run slow right after "
+             "idling) at the start of each turn. Prefill: then one timed call; cell = "
              "median ms (GFLOP/s), counting 4·B·Hq·D per visible (query, key) pair for "
              "everyone (causal S(S+1)/2 pairs, window Σ min(i+1, w), documents Σ L(L+1)/2). "
-             f"Decode: one untimed call then {BURST} back-to-back timed calls per turn; "
+             f"Decode: then {BURST} back-to-back timed calls; "
              "cell = median ms per call (GB/s of K+V read in the contender's storage dtype); "
              "the memory read kernel (`membw.c`, all threads, over the case's own fp32 K and V) "
              "is timed in the same rounds. **attngen speed-up = best peer's median / attngen's median** (> 1: "

@@ -140,7 +140,7 @@ def run_size(seq: int, args, threads: int, torch) -> dict:
 
     stats = harness.RoundRobinStats()
     timings = harness.time_round_robin(contenders, args.repeats, warmup=1, gap=args.gap,
-                                       max_other=args.max_other, stats=stats)
+                                       max_other=args.max_other, stats=stats, settle=True)
     return {"S": seq, "flops": causal_flops(seq, seq), "errors": errors, "timings": timings,
             "ref_seconds": ref_seconds, "other_cores": stats.max_other,
             "discarded": stats.rounds_discarded}
@@ -255,9 +255,10 @@ def render_section(results, names, ceilings, machine, args, threads, kernel_note
         f"- Reproduce (from the repository root): `{command_line(args)}`",
         "",
         f"Median of {args.repeats} timed calls after one warm-up, contenders interleaved "
-        f"round-robin on the same inputs with {args.gap:g} s idle before each call "
+        f"round-robin on the same inputs with {args.gap:g} s idle before each turn "
         "(so OpenBLAS workers still spinning after the numpy baseline do not slow the next "
-        "contender). Spread = (max - min) / median of the repeats; other load = the most "
+        "contender), then one untimed call (the cores run slow right after idling) and "
+        "the timed one. Spread = (max - min) / median of the repeats; other load = the most "
         "cores other processes used during a kept round. "
         "GFLOP/s counts the useful causal work, "
         "4·B·Hq·D·S(S+1)/2, for everyone. Speed-up = other's median / attngen's median. "

@@ -6,7 +6,8 @@ Nothing here knows about a particular attention shape. It offers:
 * load_torch(threads)       torch, set to `threads` threads, or None with a printed note
 * check_against_reference() max abs error of one contender vs the float64 oracle; fails loudly
 * time_round_robin()        warm-up, then interleaved timed calls of several contenders,
-                            with an idle gap before each call and, on a shared machine,
+                            with an idle gap (and an untimed settling call) before each
+                            call and, on a shared machine,
                             waiting for quiet and redoing rounds other processes disturbed
 * LoadMonitor               cores used by other processes while a block ran (/proc/stat)
 * matmul_ceiling()          this machine's fp32 GEMM rate (numpy/OpenBLAS, and torch)
@@ -308,7 +309,7 @@ def time_round_robin(contenders: Mapping[str, Callable[[], object]], repeats: in
                      warmup: int = 1, gap: float = 0.0, max_other: float | None = None,
                      max_discards: int | None = None,
                      stats: RoundRobinStats | None = None,
-                     settle: Mapping[str, Callable[[], object]] | None = None
+                     settle: Mapping[str, Callable[[], object]] | bool | None = None
                      ) -> dict[str, Timing]:
     """Warm each contender up, then time `repeats` rounds of one call each, in turn.
 
@@ -325,8 +326,14 @@ def time_round_robin(contenders: Mapping[str, Callable[[], object]], repeats: in
     after that, rounds are kept whatever the load. After one wait that timed out,
     later rounds do not wait. Per-round loads go to `stats`.
 
-    settle: per contender, an untimed call made after the gap, right before the timed one.
+    settle: per contender, an untimed call made after the gap, right before the timed one
+    (True: the contender itself). After an idle gap this VM runs the next ~0.1 s slower
+    (causal S2048 prefill alone: 127 ms right after 0.25 s idle, 110 ms after a settling
+    call), which would charge every contender a wake-up that real back-to-back use does
+    not pay, and the fastest the most.
     """
+    if settle is True:
+        settle = contenders
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     stats = stats if stats is not None else RoundRobinStats()
@@ -372,7 +379,8 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5, torch_module=None,
                    **round_robin) -> dict[str, float]:
     """Median fp32 GEMM rate in GFLOP/s for n x n x n (2 n^3 flops): numpy, and torch if given.
 
-    Extra keyword arguments (gap, max_other, stats) go to time_round_robin."""
+    Extra keyword arguments (gap, max_other, stats) go to time_round_robin. Each timed
+    matmul follows an untimed one, like the attention contenders it is compared with."""
     rng = np.random.default_rng(1234)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
@@ -383,7 +391,7 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5, torch_module=None,
         ta, tb = torch_module.from_numpy(a), torch_module.from_numpy(b)
         tc = torch_module.empty((n, n), dtype=torch_module.float32)
         calls["torch"] = lambda: torch_module.matmul(ta, tb, out=tc)
-    timings = time_round_robin(calls, repeats, **round_robin)
+    timings = time_round_robin(calls, repeats, settle=True, **round_robin)
     return {name: flops / t.median / 1e9 for name, t in timings.items()}
 
 
