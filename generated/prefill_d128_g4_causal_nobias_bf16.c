@@ -695,6 +695,14 @@ INLINE void pv_block(float *restrict o, const float *restrict prob, const kvrow_
     for (; c0 < DVEC; c0++) pv_block_cols(o, prob, vrows, vahead, nk, c0, 1);
 }
 
+/* Scale row r's unnormalised output by alpha = exp(old max - new max). */
+INLINE void rescale_output_row(tile_state *st, int64_t r, float alpha)
+{
+    float *o = st->o + r * DP;
+    vf va = vbroadcast(alpha);
+    for (int c = 0; c < DVEC; c++) vstore(o + c * VL, vload(o + c * VL) * va);
+}
+
 /* Turn row r's scores into probabilities against the running max, rescaling the running
  * sum and output by exp(old max - new max). Returns nothing to add when all are masked. */
 INLINE void softmax_row_update(tile_state *st, int64_t r)
@@ -718,9 +726,7 @@ INLINE void softmax_row_update(tile_state *st, int64_t r)
     if (m_old != m_new) {
         float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
         st->l[r] *= alpha;
-        float *o = st->o + r * DP;
-        vf va = vbroadcast(alpha);
-        for (int c = 0; c < DVEC; c++) vstore(o + c * VL, vload(o + c * VL) * va);
+        rescale_output_row(st, r, alpha);
     }
     st->l[r] += vreduce_add(sum);
     st->m[r] = m_new;
@@ -756,12 +762,8 @@ INLINE void softmax_group_update(tile_state *st, int64_t r0)
     }
     vstore(st->l + r0, vload(st->l + r0) * alpha + transpose_sum(part));
     vstore(st->m + r0, m_new);
-    for (int i = 0; i < VL; i++) {
-        if (alpha[i] == 1.0f) continue;
-        float *o = st->o + (r0 + i) * DP;
-        vf va = vbroadcast(alpha[i]);
-        for (int c = 0; c < DVEC; c++) vstore(o + c * VL, vload(o + c * VL) * va);
-    }
+    for (int i = 0; i < VL; i++)
+        if (alpha[i] != 1.0f) rescale_output_row(st, r0 + i, alpha[i]);
 }
 
 /* Attend every row of st to keys [k0, k0 + nk): pack the tile once for the whole GQA group
