@@ -49,12 +49,12 @@ GAP = 0.25   # s idle before each contender's burst
 BURST = 5    # timed back-to-back calls per contender per round (after one untimed)
 
 
-def burst(fn):
-    """BURST back-to-back calls, as a model's decode steps run. The round-robin's idle gap
+def burst(fn, calls=BURST):
+    """`calls` back-to-back calls, as a model's decode steps run. The round-robin's idle gap
     before each burst lets thread pools that spin after a call (OpenBLAS, torch, OpenMP)
     sleep before the next contender; an untimed call (settle) absorbs the wake-up."""
     def run():
-        for _ in range(BURST):
+        for _ in range(calls):
             fn()
     return run
 
@@ -146,16 +146,11 @@ def call_overhead(threads, torch) -> dict[str, float]:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         steps["torch SDPA"] = lambda: sdpa(tq, tk, tv, enable_gqa=True)
 
-    def many(fn):
-        def run():
-            for _ in range(OVERHEAD_CALLS):
-                fn()
-        return run
     # One contender at a time, calls back to back as a model's steps are: an idle gap lets
     # this VM park the OpenMP workers' cores, and waking them costs more than a step.
     # torch goes last, so its spinning pool never competes with attngen's threads.
-    return {n: harness.time_calls(many(fn), 15, warmup=3).median / OVERHEAD_CALLS
-            for n, fn in steps.items()}
+    return {n: harness.time_calls(burst(fn, OVERHEAD_CALLS), 15, warmup=3).median
+            / OVERHEAD_CALLS for n, fn in steps.items()}
 
 
 def render(results, names, machine, args, overhead) -> str:

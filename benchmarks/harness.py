@@ -6,9 +6,9 @@ Nothing here knows about a particular attention shape. It offers:
 * load_torch(threads)       torch, set to `threads` threads, or None with a printed note
 * check_against_reference() max abs error of one contender vs the float64 oracle; fails loudly
 * time_round_robin()        warm-up, then interleaved timed calls of several contenders,
-                            with an idle gap (and an untimed settling call) before each
-                            call and, on a shared machine,
-                            waiting for quiet and redoing rounds other processes disturbed
+                            each after an idle gap and an untimed settling call; on a
+                            shared machine, waiting for quiet and redoing rounds other
+                            processes disturbed
 * LoadMonitor               cores used by other processes while a block ran (/proc/stat)
 * matmul_ceiling()          this machine's fp32 GEMM rate (numpy/OpenBLAS, and torch)
 * openblas_avx512_ceiling() the same for numpy with OpenBLAS forced onto AVX-512 kernels

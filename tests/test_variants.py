@@ -84,6 +84,6 @@ def test_output_rounds_to_nearest_even(dtype, head_dim, phase):
     half_sum = (v[:, :, 0].astype(np.float32) + v[:, :, 1].astype(np.float32)) / np.float32(2)
     expected = np.broadcast_to(half_sum[:, :, None], out.shape).astype(dtype_np)
     assert np.isnan(out[0, 1, :, 3].astype(np.float32)).all()
-    np.testing.assert_array_equal(out.view(np.uint16)[~np.isnan(expected.astype(np.float32))],
-                                  expected.view(np.uint16)[~np.isnan(expected.astype(np.float32))])
+    numbers = ~np.isnan(expected.astype(np.float32))
+    np.testing.assert_array_equal(out.view(np.uint16)[numbers], expected.view(np.uint16)[numbers])
     assert (half_sum.astype(dtype_np).astype(np.float32) != half_sum).any(), "no rounding tested"
