@@ -197,6 +197,17 @@ static inline int tile_visibility(const attngen_params *p, int64_t q_first, int6
     return none ? TILE_HIDDEN : (all ? TILE_FULL : TILE_PARTIAL);
 }
 
+/* Query positions of [q_first, q_last] that may see some key of [k_first, k_last]:
+ * [*first, *last] (empty when *last < *first). Conservative: documents do not narrow it. */
+static inline void visible_queries(const attngen_params *p, int64_t q_first, int64_t q_last,
+                                   int64_t k_first, int64_t k_last, int64_t *first, int64_t *last)
+{
+    *first = q_first;
+    *last = q_last;
+    if (k_first > *first) *first = k_first;                         /* kpos <= qpos */
+    (void)p; (void)k_first; (void)k_last;
+}
+
 /* Keys that any query in [q_first, q_last] can possibly see: [*lo, *hi). */
 static inline void key_range(const attngen_params *p, int64_t q_first, int64_t q_last,
                              int64_t kv_len, int64_t *lo, int64_t *hi)
@@ -223,8 +234,9 @@ INLINE int64_t sequence_kv_len(const attngen_params *p, int64_t b)
 }
 
 /* ---- Per-thread working set of one block of query rows. ----
- * Rows are ordered head-major inside the GQA group: row r is query head
- * hkv * GQA + r / nq, query index q0 + r % nq. All rows share every K/V tile. */
+ * Rows are ordered by query position, the GQA group's heads side by side: row r is query
+ * head hkv * GQA + r % GQA, query index q0 + r / GQA. All rows share every K/V tile, and
+ * the rows a masked tile can reach are one run (see attend_kv_tile). */
 typedef struct {
     int64_t rows, rows_pad;   /* live rows, rows rounded up to ROWS */
     float *q;                 /* [rows_pad][DP] query rows, pre-multiplied by scale */
@@ -331,7 +343,7 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
             memset(dst, 0, sizeof(float) * DP);
             continue;
         }
-        int64_t h = hkv * GQA + r / nq, qi = q0 + r % nq;
+        int64_t h = hkv * GQA + r % GQA, qi = q0 + r / GQA;
         st->row_head[r] = h;
         st->row_qi[r] = qi;
         st->row_qpos[r] = qpos_base + qi;
@@ -566,7 +578,7 @@ INLINE vf transpose_max(vf v[VL])
  * transpose-sum per row. Padding keys read the zero row. The first row block also
  * prefetches the K rows PREFETCH_KEYS ahead, one row per key, so the loads stay spread out. */
 INLINE void qk_direct_block(const attngen_params *p, tile_state *st, int64_t r0, int64_t j0,
-                            const int nr)
+                            const int nr, int first_block)
 {
     vf part[QK_DIRECT_ROWS][VL];
     (void)p;
@@ -575,7 +587,7 @@ INLINE void qk_direct_block(const attngen_params *p, tile_state *st, int64_t r0,
         for (int c = 0; c < DVEC; c++) q[r][c] = vload(st->q + (r0 + r) * DP + c * VL);
     for (int jj = 0; jj < VL; jj++) {
         const kvrow_t *k = st->krows[j0 + jj];
-        if (r0 == 0) prefetch_row(st->kahead[j0 + jj]);
+        if (first_block) prefetch_row(st->kahead[j0 + jj]);
         vf acc[2][QK_DIRECT_ROWS];
         for (int r = 0; r < nr; r++) acc[0][r] = acc[1][r] = vbroadcast(0.0f);
         for (int c = 0; c < DVEC; c++) {
@@ -587,14 +599,15 @@ INLINE void qk_direct_block(const attngen_params *p, tile_state *st, int64_t r0,
     for (int r = 0; r < nr; r++) vstore(st->s + (r0 + r) * BK + j0, transpose_sum(part[r]));
 }
 
-/* s[r][j] = q[r] . k_j for every live row and key of the tile, K read in place. */
-static void qk_rows_direct(const attngen_params *p, tile_state *st, int64_t nk)
+/* s[r][j] = q[r] . k_j for rows [r_begin, r_end) and every key of the tile, K read in place. */
+static void qk_rows_direct(const attngen_params *p, tile_state *st, int64_t r_begin,
+                           int64_t r_end, int64_t nk)
 {
     for (int64_t j0 = 0; j0 < nk; j0 += VL) {
-        int64_t r0 = 0;
-        for (; r0 + QK_DIRECT_ROWS <= st->rows; r0 += QK_DIRECT_ROWS)
-            qk_direct_block(p, st, r0, j0, QK_DIRECT_ROWS);
-        for (; r0 < st->rows; r0++) qk_direct_block(p, st, r0, j0, 1);
+        int64_t r0 = r_begin;
+        for (; r0 + QK_DIRECT_ROWS <= r_end; r0 += QK_DIRECT_ROWS)
+            qk_direct_block(p, st, r0, j0, QK_DIRECT_ROWS, r0 == r_begin);
+        for (; r0 < r_end; r0++) qk_direct_block(p, st, r0, j0, 1, r0 == r_begin);
     }
 }
 
@@ -681,7 +694,7 @@ INLINE void softmax_group_update(tile_state *st, int64_t r0)
         part[i] = vload(s);
         for (int c = 1; c < KCOLS; c++) part[i] = vmax(part[i], vload(s + c * VL));
     }
-    vf m_old = vload(st->m + r0);
+    vf m_old = vload_unaligned(st->m + r0);   /* groups start on any row block */
     vf m_new = vmax(m_old, transpose_max(part));
     /* Rows that have seen no key yet subtract 0: their -inf scores then give exactly 0. */
     vf m_sub = vselect(m_new == vbroadcast(-INFINITY), vbroadcast(0.0f), m_new);
@@ -696,23 +709,35 @@ INLINE void softmax_group_update(tile_state *st, int64_t r0)
             part[i] += e;
         }
     }
-    vstore(st->l + r0, vload(st->l + r0) * alpha + transpose_sum(part));
-    vstore(st->m + r0, m_new);
+    *(vf_unaligned *)(st->l + r0) = vload_unaligned(st->l + r0) * alpha + transpose_sum(part);
+    *(vf_unaligned *)(st->m + r0) = m_new;
     for (int i = 0; i < VL; i++)
         if (alpha[i] != 1.0f) rescale_output_row(st, r0 + i, alpha[i]);
 }
 
-/* Attend every row of st to keys [k0, k0 + nk): pack the tile once for the whole GQA group
+/* Attend the rows of st to keys [k0, k0 + nk): pack the tile once for the whole GQA group
  * (or find its rows in place), score, apply hooks and mask (only where needed), update the
- * softmax, accumulate P.V. */
+ * softmax, accumulate P.V. Rows are in query-position order, so the rows a masked tile can
+ * reach are one run [r_begin, r_end), widened to whole row blocks; the
+ * others keep their state untouched (a causal diagonal tile skips the rows above it). */
 static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end, int visibility)
 {
-    locate_kv_rows(p, st, b, hkv, k0, nk, k_end);
-    qk_rows_direct(p, st, nk);
     int need_mask = HAS_MASK && visibility == TILE_PARTIAL;
+    int64_t r_begin = 0, r_end = st->rows_pad;
+    if (need_mask) {
+        int64_t q_first = st->row_qpos[0], first, last;
+        visible_queries(p, q_first, st->row_qpos[st->rows - 1], k0, k0 + nk - 1, &first, &last);
+        if (last < first) return;
+        r_begin = (first - q_first) * GQA / ROWS * ROWS;
+        r_end = ((last - q_first + 1) * GQA + ROWS - 1) / ROWS * ROWS;
+        if (r_end > st->rows_pad) r_end = st->rows_pad;
+    }
+    int64_t live_end = r_end < st->rows ? r_end : st->rows;
+    locate_kv_rows(p, st, b, hkv, k0, nk, k_end);
+    qk_rows_direct(p, st, r_begin, live_end, nk);
     vf cap = vbroadcast(p->softcap), inv_cap = vbroadcast(HAS_SOFTCAP ? 1.0f / p->softcap : 0.0f);
-    for (int64_t r = 0; r < st->rows; r++) {
+    for (int64_t r = r_begin; r < live_end; r++) {
         float *s = st->s + r * BK;
         if (HAS_SOFTCAP)
             for (int c = 0; c < KCOLS; c++) vstore(s + c * VL, cap * vtanh(vload(s + c * VL) * inv_cap));
@@ -722,12 +747,12 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
         if (need_mask) mask_row(p, s, b, st->row_qpos[r], k0, nk);
         for (int64_t j = nk; j < BK; j++) s[j] = -INFINITY;
     }
-    int64_t r = 0;
-    for (; r + VL <= st->rows; r += VL) softmax_group_update(st, r);
-    for (; r < st->rows; r++) softmax_row_update(st, r);
+    int64_t r = r_begin;
+    for (; r + VL <= live_end; r += VL) softmax_group_update(st, r);
+    for (; r < live_end; r++) softmax_row_update(st, r);
     for (r = st->rows; r < st->rows_pad; r++) memset(st->s + r * BK, 0, sizeof(float) * BK);
-    for (int64_t r = 0; r < st->rows_pad; r += ROWS)
-        pv_block(st->o + r * DP, st->s + r * BK, st->vrows, r == 0 ? st->vahead : NULL, nk);
+    for (int64_t r = r_begin; r < r_end; r += ROWS)
+        pv_block(st->o + r * DP, st->s + r * BK, st->vrows, r == r_begin ? st->vahead : NULL, nk);
 }
 
 /* Normalise and store row r (max m, sum l, unnormalised output o). A row that saw no key
@@ -865,7 +890,7 @@ EXPORT int attngen_run(const attngen_params *p)
                         for (int d = 0; d < DP; d++) o[d] += os[d] * w;
                     }
                 }
-                int64_t h = hkv * GQA + r / p->seq_q, qi = r % p->seq_q;
+                int64_t h = hkv * GQA + r % GQA, qi = r / GQA;
                 store_row(p, b, h, qi, m, l, o);
             }
         }
