@@ -220,6 +220,18 @@ static inline void visible_queries(const attngen_params *p, int64_t q_first, int
     (void)p; (void)k_first; (void)k_last;
 }
 
+/* How many of keys [k0, k0 + nk) queries at positions <= qpos_last may see, counted from
+ * k0: a bound past which every key is hidden from them. */
+static inline int64_t visible_key_count(const attngen_params *p, int64_t qpos_last,
+                                        int64_t k0, int64_t nk)
+{
+    int64_t n = nk;
+    n = qpos_last + 1 - k0;                                          /* kpos <= qpos */
+    if (p->prefix_len - k0 > n) n = p->prefix_len - k0;              /* kpos < prefix_len */
+    (void)p; (void)qpos_last; (void)k0;
+    return n < 0 ? 0 : (n > nk ? nk : n);
+}
+
 /* Keys that any query in [q_first, q_last] can possibly see: [*lo, *hi). */
 static inline void key_range(const attngen_params *p, int64_t q_first, int64_t q_last,
                              int64_t kv_len, int64_t *lo, int64_t *hi)
@@ -493,22 +505,24 @@ INLINE void prefetch_row(const elem_t *row)
 
 /* ---- Micro-kernels. ---- */
 
-/* s[r][0..BK) = q[r] . kt[:, 0..BK) for ROWS rows: ROWS x KCOLS accumulators in registers. */
-INLINE void qk_block(const float *restrict q, const float *restrict kt, float *restrict s)
+/* s[r][0..kc*VL) = q[r] . kt[:, 0..kc*VL) for ROWS rows: ROWS x kc accumulators in
+ * registers (kc = KCOLS but for the key vectors a masked tile can skip). */
+INLINE void qk_block_cols(const float *restrict q, const float *restrict kt, float *restrict s,
+                          const int kc)
 {
     vf acc[ROWS][KCOLS];
     for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < KCOLS; c++) acc[r][c] = vbroadcast(0.0f);
+        for (int c = 0; c < kc; c++) acc[r][c] = vbroadcast(0.0f);
     for (int d = 0; d < HEAD_DIM; d++) {
         vf kvec[KCOLS];
-        for (int c = 0; c < KCOLS; c++) kvec[c] = vload(kt + d * BK + c * VL);
+        for (int c = 0; c < kc; c++) kvec[c] = vload(kt + d * BK + c * VL);
         for (int r = 0; r < ROWS; r++) {
             vf qv = vbroadcast(q[r * DP + d]);
-            for (int c = 0; c < KCOLS; c++) acc[r][c] += qv * kvec[c];
+            for (int c = 0; c < kc; c++) acc[r][c] += qv * kvec[c];
         }
     }
     for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < KCOLS; c++) vstore(s + r * BK + c * VL, acc[r][c]);
+        for (int c = 0; c < kc; c++) vstore(s + r * BK + c * VL, acc[r][c]);
 }
 
 /* Horizontal sums (maxima) of VL vectors at once: lane i of the result is the sum (max) of
@@ -692,6 +706,36 @@ INLINE void softmax_group_update(tile_state *st, int64_t r0)
         if (alpha[i] != 1.0f) rescale_output_row(st, r0 + i, alpha[i]);
 }
 
+/* Keys of the tile that row block r0 may see: all nk, or in a masked tile the bound from
+ * its last row (the block's rows see no key past it). Q.K and P.V stop there; the mask
+ * hides the unscored keys between it and the tile's end. */
+INLINE int64_t block_keys(const attngen_params *p, const tile_state *st, int64_t r0,
+                          int64_t k0, int64_t nk, int need_mask)
+{
+    if (!need_mask) return nk;
+    int64_t last = r0 + ROWS < st->rows ? r0 + ROWS - 1 : st->rows - 1;
+    return visible_key_count(p, st->row_qpos[last], k0, nk);
+}
+
+INLINE int key_vectors(const attngen_params *p, const tile_state *st, int64_t r0,
+                       int64_t k0, int64_t nk, int need_mask)
+{
+    return (int)((block_keys(p, st, r0, k0, nk, need_mask) + VL - 1) / VL);
+}
+
+/* fn(args..., kc) with kc as a compile-time constant, so each count gets its own fully
+ * unrolled micro-kernel; 0 vectors: nothing to score. */
+#define QK_BLOCK_UPTO(fn, kc, ...) \
+    do { \
+        switch (kc) { \
+        case 1: fn(__VA_ARGS__, 1); break; \
+        case 2: fn(__VA_ARGS__, 2); break; \
+        case 3: fn(__VA_ARGS__, 3); break; \
+        case 4: fn(__VA_ARGS__, 4); break; \
+        default: break; \
+        } \
+    } while (0)
+
 /* Attend the rows of st to keys [k0, k0 + nk): pack the tile once for the whole GQA group
  * (or find its rows in place), score, apply hooks and mask (only where needed), update the
  * softmax, accumulate P.V. Rows are in query-position order, so the rows a masked tile can
@@ -711,9 +755,11 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
         if (r_end > st->rows_pad) r_end = st->rows_pad;
     }
     int64_t live_end = r_end < st->rows ? r_end : st->rows;
+    (void)k_end;
     pack_kv_tile(p, st, b, hkv, k0, nk);
     for (int64_t r = r_begin; r < r_end; r += ROWS)
-        qk_block(st->q + r * DP, st->kt, st->s + r * BK);
+        QK_BLOCK_UPTO(qk_block_cols, key_vectors(p, st, r, k0, nk, need_mask),
+                      st->q + r * DP, st->kt, st->s + r * BK);
     vf cap = vbroadcast(p->softcap), inv_cap = vbroadcast(HAS_SOFTCAP ? 1.0f / p->softcap : 0.0f);
     for (int64_t r = r_begin; r < live_end; r++) {
         float *s = st->s + r * BK;
@@ -730,7 +776,8 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
     for (; r < live_end; r++) softmax_row_update(st, r);
     for (r = st->rows; r < st->rows_pad; r++) memset(st->s + r * BK, 0, sizeof(float) * BK);
     for (int64_t r = r_begin; r < r_end; r += ROWS)
-        pv_block(st->o + r * DP, st->s + r * BK, st->vrows, r == r_begin ? st->vahead : NULL, nk);
+        pv_block(st->o + r * DP, st->s + r * BK, st->vrows, r == r_begin ? st->vahead : NULL,
+                 block_keys(p, st, r, k0, nk, need_mask));
 }
 
 /* Normalise and store row r (max m, sum l, unnormalised output o). A row that saw no key
