@@ -340,6 +340,10 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     return ATTNGEN_OK;
 }
 
+/* Row r's query head and query index (from q0): the row order described above. */
+INLINE int64_t row_head(int64_t hkv, int64_t r) { return hkv * GQA + r % GQA; }
+INLINE int64_t row_query(int64_t q0, int64_t r) { return q0 + r / GQA; }
+
 /* Load queries [q0, q0 + nq) of every head of kv head hkv's group; reset the softmax state.
  * qpos_base is the position of query 0 (kv_len - seq_q: bottom-right aligned). */
 static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
@@ -357,7 +361,7 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
             memset(dst, 0, sizeof(float) * DP);
             continue;
         }
-        int64_t h = hkv * GQA + r % GQA, qi = q0 + r / GQA;
+        int64_t h = row_head(hkv, r), qi = row_query(q0, r);
         st->row_head[r] = h;
         st->row_qi[r] = qi;
         st->row_qpos[r] = qpos_base + qi;
@@ -741,7 +745,7 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
         if (r_end > st->rows_pad) r_end = st->rows_pad;
     }
     int64_t live_end = r_end < st->rows ? r_end : st->rows;
-    (void)k_end;
+    (void)k_end;   /* the prefetch bound: only the in-place path reads it */
     pack_kv_tile(p, st, b, hkv, k0, nk);
     for (int64_t r = r_begin; r < r_end; r += ROWS)
         QK_BLOCK_UPTO(qk_block_cols, key_vectors(p, st, r, k0, nk, need_mask),
