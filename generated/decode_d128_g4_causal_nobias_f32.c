@@ -810,10 +810,12 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
                  (int)((r_end - r_begin) / ROWS), block_keys(p, st, r, k0, nk, need_mask));
 }
 
-/* Normalise and store row r (max m, sum l, unnormalised output o). A row that saw no key
- * gets zeros and lse = -inf. With sinks, the sink logit joins the denominator. */
-static void store_row(const attngen_params *p, int64_t b, int64_t h, int64_t qi,
-                      float m, float l, const float *o)
+/* Normalise and store the row of query qi (position qpos) of head h: max m, sum l,
+ * unnormalised output o. A row that saw no key gets zeros and lse = -inf. With sinks, the
+ * sink logit joins the denominator, so a row whose keys a -inf bias all hid gets zeros and
+ * lse = the sink; only a row the mask leaves no key keeps -inf. */
+static void store_row(const attngen_params *p, int64_t b, int64_t h, int64_t qi, int64_t qpos,
+                      int64_t kv_len, float m, float l, const float *o)
 {
     elem_t *dst = (elem_t *)p->out + b * p->out_stride[0] + h * p->out_stride[1]
                   + qi * p->out_stride[2];
@@ -822,6 +824,7 @@ static void store_row(const attngen_params *p, int64_t b, int64_t h, int64_t qi,
         factor = 1.0f / l;
         lse = m + logf(l);
     }
+    (void)qpos; (void)kv_len;
     int d = 0;
     for (; d + VL <= HEAD_DIM; d += VL) store_elems(dst + d, vload(o + d) * vbroadcast(factor));
     for (; d < HEAD_DIM; d++) dst[d] = float_to_elem(o[d] * factor);
@@ -946,7 +949,8 @@ EXPORT int attngen_run(const attngen_params *p)
                     }
                 }
                 int64_t h = row_head(hkv, r), qi = row_query(0, r);
-                store_row(p, b, h, qi, m, l, o);
+                int64_t kv_len = sequence_kv_len(p, b);
+                store_row(p, b, h, qi, kv_len - p->seq_q + qi, kv_len, m, l, o);
             }
         }
         if (ok) tile_state_free(&st);

@@ -87,3 +87,25 @@ def test_output_rounds_to_nearest_even(dtype, head_dim, phase):
     numbers = ~np.isnan(expected.astype(np.float32))
     np.testing.assert_array_equal(out.view(np.uint16)[numbers], expected.view(np.uint16)[numbers])
     assert (half_sum.astype(dtype_np).astype(np.float32) != half_sum).any(), "no rounding tested"
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_sink_survives_a_bias_that_hides_every_key(phase):
+    """A -inf bias over all of a row's keys leaves the sink alone in the denominator: zeros
+    and lse = the sink, as in the reference. Rows the causal mask leaves no key (sequence 0
+    holds fewer tokens than Sq) keep lse = -inf."""
+    from attngen import AttentionSpec, get_kernel
+
+    spec = AttentionSpec(head_dim=64, gqa=2, mask="causal", bias="tensor", sinks=True,
+                         phase=phase)
+    case = make_case(spec, seq_q=4, kv_lens=[3, 40], capacity=48, seed=11)
+    bias = case.kwargs["bias"]
+    bias[0, 1, 3, :] = -np.inf        # head 1, last query: every key hidden
+    bias[0, 2, 1, 5:] = -np.inf       # head 2, query 1: keys from 5 on hidden
+    out, lse = get_kernel(spec)(case.q, case.k, case.v, return_lse=True, **case.kwargs)
+    sinks = case.kwargs["sinks"]
+    assert lse[1, 1, 3] == pytest.approx(float(sinks[1]), abs=1e-6)
+    np.testing.assert_array_equal(out[:, 1, 3], 0.0)
+    assert np.isneginf(lse[0, :, 0]).all()            # position -1 of sequence 0: masked
+    out_err, lse_err = max_errors(get_kernel(spec), case)
+    assert out_err <= TOLERANCE["f32"] and lse_err <= TOLERANCE["f32"] * 10, (out_err, lse_err)
