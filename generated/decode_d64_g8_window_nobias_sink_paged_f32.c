@@ -628,9 +628,11 @@ INLINE void qk_direct_block(const attngen_params *p, tile_state *st, int64_t r0,
 static void qk_rows_direct(const attngen_params *p, tile_state *st, int64_t r_begin,
                            int64_t r_end, int64_t nk)
 {
+    int64_t rows = r_end - r_begin;
+    int passes = (int)(rows / QK_DIRECT_ROWS + rows % QK_DIRECT_ROWS);   /* row blocks; each prefetches its share */
     for (int64_t j0 = 0; j0 < nk; j0 += VL) {
-        int64_t rows = r_end - r_begin, r0 = r_begin;
-        int passes = (int)(rows / QK_DIRECT_ROWS + rows % QK_DIRECT_ROWS), pass = 0;
+        int64_t r0 = r_begin;
+        int pass = 0;
         for (; r0 + QK_DIRECT_ROWS <= r_end; r0 += QK_DIRECT_ROWS)
             qk_direct_block(p, st, r0, j0, QK_DIRECT_ROWS, pass++, passes);
         for (; r0 < r_end; r0++) qk_direct_block(p, st, r0, j0, 1, pass++, passes);
@@ -940,6 +942,7 @@ EXPORT int attngen_run(const attngen_params *p)
         for (int64_t group = 0; group < groups; group++) {
             if (!ok) continue;
             int64_t b = group / p->heads_kv, hkv = group % p->heads_kv;
+            int64_t kv_len = sequence_kv_len(p, b);
             for (int64_t r = 0; r < rows; r++) {
                 float m = -INFINITY, l = 0.0f;
                 for (int64_t s = 0; s < splits; s++) {
@@ -959,7 +962,6 @@ EXPORT int attngen_run(const attngen_params *p)
                     }
                 }
                 int64_t h = row_head(hkv, r), qi = row_query(0, r);
-                int64_t kv_len = sequence_kv_len(p, b);
                 store_row(p, b, h, qi, kv_len - p->seq_q + qi, kv_len, m, l, o);
             }
         }
