@@ -364,10 +364,11 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
         st->row_qpos[r] = qpos_base + qi;
         const elem_t *src = (const elem_t *)p->q + b * p->q_stride[0] + h * p->q_stride[1]
                             + qi * p->q_stride[2];
-        if (BF16_DOT) {   /* the bf16 paths read unscaled pairs and scale the scores */
-            uint32_t *pairs = st->q2 + r * (DP / 2);
-            for (int d = 0; d < HEAD_DIM; d += 2)
-                pairs[d / 2] = (uint32_t)src[d] | (uint32_t)src[d + 1] << 16;
+        if (BF16_DOT) {
+            /* The bf16 paths read unscaled pairs and scale the scores. A row read as 32-bit
+             * words is already its d-pairs, so this is a copy (a shift-and-or loop cost
+             * 4% of a D=64 documents prefill). */
+            memcpy(st->q2 + r * (DP / 2), src, sizeof(elem_t) * HEAD_DIM);
         } else {
             for (int d = 0; d < HEAD_DIM; d++) dst[d] = elem_to_float(src[d]) * scale;
         }
