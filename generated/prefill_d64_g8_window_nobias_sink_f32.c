@@ -494,9 +494,9 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
  * (5-7% of a fp32 decode at 16k-64k keys). */
 INLINE void prefetch_row_part(const elem_t *row, int part, int parts)
 {
-    const int bytes = HEAD_DIM * (int)sizeof(elem_t);
-    for (int line = bytes * part / parts / 64 * 64; line < bytes * (part + 1) / parts; line += 64)
-        __builtin_prefetch((const char *)row + line, 0, 3);
+    const int lines = (HEAD_DIM * (int)sizeof(elem_t) + 63) / 64;
+    for (int line = lines * part / parts; line < lines * (part + 1) / parts; line++)
+        __builtin_prefetch((const char *)row + 64 * line, 0, 3);
 }
 
 /* ---- Micro-kernels. ---- */
