@@ -1,6 +1,8 @@
 """The functional API: map call arguments to an AttentionSpec, get its kernel, call it."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .kernel import SPEC_DTYPE, as_array, get_kernel, mask_mode
@@ -40,10 +42,14 @@ def spec_for_call(q, k, v, *, causal=False, window=None, prefix_len=None, docume
     has_alibi = alibi is not None and alibi is not False
     bias_mode = {(False, False): "none", (True, False): "tensor", (False, True): "alibi",
                  (True, True): "tensor+alibi"}[(bias is not None, has_alibi)]
-    return AttentionSpec(head_dim=int(q_arr.shape[-1]), gqa=heads_q // heads_kv, mask=mask,
-                         documents=document_ids is not None, bias=bias_mode,
-                         softcap=softcap is not None, sinks=sinks is not None, dtype=dtype,
-                         phase=phase, kv_layout="paged" if paged else "contiguous")
+    return _spec(int(q_arr.shape[-1]), heads_q // heads_kv, mask, document_ids is not None,
+                 bias_mode, softcap is not None, sinks is not None, dtype, phase,
+                 "paged" if paged else "contiguous")
+
+
+# A call's spec, remembered: building and validating one costs 2 us of every call, and a
+# model asks for the same few at every layer. typed: True and 1 are different arguments.
+_spec = functools.lru_cache(maxsize=256, typed=True)(AttentionSpec)
 
 
 def attention(q, k=None, v=None, *, scale=None, causal=False, window=None, prefix_len=None,

@@ -28,6 +28,17 @@ def _get(name: str) -> str | None:
 # resolve to (a cache path, and the default compiler's PATH search, done once) is
 # remembered: every kernel lookup asks, and each costs 15-40 us, more than a call's C work.
 
+# Every variable that changes which library a spec loads (compiler, ISA, flags, cache).
+BUILD_VARIABLES = ("ATTNGEN_CC", "CC", "ATTNGEN_ISA", "ATTNGEN_EXTRA_CFLAGS", "ATTNGEN_CACHE_DIR")
+
+
+def build_environment() -> tuple:
+    """The raw values of BUILD_VARIABLES: a cheap key for "nothing that selects a build
+    changed" (equal raw values resolve alike; different ones are merely looked up again)."""
+    get = os.environ.get
+    return tuple([get(name) for name in BUILD_VARIABLES])
+
+
 def cache_dir() -> Path:
     return _resolve_cache_dir(_get("ATTNGEN_CACHE_DIR"))
 

@@ -12,7 +12,7 @@ import cffi
 import ml_dtypes
 import numpy as np
 
-from . import cache, config
+from . import cache, config, tuning
 from .errors import AttngenError
 from .spec import AttentionSpec
 
@@ -418,21 +418,25 @@ class Kernel:
 _memo: dict = {}
 _memo_locks: dict = {}
 _memo_guard = threading.Lock()
+# The lookup a model makes at every layer of every step: (spec, build environment) ->
+# (kernel, its ISA's tuning table, that table's stamp). A hit costs a few environment reads
+# and one stat, where _memo_key resolves the toolchain and the blocking (~12 us).
+_recent: dict = {}
 
 
 def _memo_key(spec: AttentionSpec):
     from .toolchain import detect
-    from .tuning import tile_for
 
     toolchain = detect()
-    return (spec, toolchain, tile_for(spec, toolchain.isa), tuple(config.extra_cflags()),
+    return (spec, toolchain, tuning.tile_for(spec, toolchain.isa), tuple(config.extra_cflags()),
             str(config.cache_dir()))
 
 
 def forget(spec: AttentionSpec) -> None:
     """Drop `spec`'s kernels from this process's memo (after tuning changed its blocking)."""
-    for key in [k for k in _memo if k[0] == spec]:
-        _memo.pop(key, None)
+    for memo in (_memo, _recent):
+        for key in [k for k in memo if k[0] == spec]:
+            memo.pop(key, None)
 
 
 def loaded_kernel(spec: AttentionSpec):
@@ -442,18 +446,27 @@ def loaded_kernel(spec: AttentionSpec):
 
 def get_kernel(spec: AttentionSpec) -> Kernel:
     """The kernel for `spec`: from this process's memo, else the disk cache, else built.
-    The same spec (under the same toolchain and cache directory) gives the same object."""
+    The same spec (under the same toolchain and cache directory) gives the same object,
+    until a tuning table stored meanwhile (by any process) gives it another blocking."""
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
+    recent_key = (spec, config.build_environment())
+    recent = _recent.get(recent_key)
+    if recent is not None and tuning.stamp(recent[1]) == recent[2]:
+        return recent[0]
+    from .toolchain import detect
+
+    table = tuning.table_path(detect().isa)
+    table_stamp = tuning.stamp(table)   # before the table is read: a later change is seen
     memo_key = _memo_key(spec)
     kernel = _memo.get(memo_key)
-    if kernel is not None:
-        return kernel
-    with _memo_guard:   # one lock per spec, so different specs build in parallel
-        lock = _memo_locks.setdefault(memo_key, threading.Lock())
-    with lock:
-        kernel = _memo.get(memo_key)
-        if kernel is None:
-            kernel = Kernel(spec, cache.lookup(spec))
-            _memo[memo_key] = kernel
+    if kernel is None:
+        with _memo_guard:   # one lock per spec, so different specs build in parallel
+            lock = _memo_locks.setdefault(memo_key, threading.Lock())
+        with lock:
+            kernel = _memo.get(memo_key)
+            if kernel is None:
+                kernel = Kernel(spec, cache.lookup(spec))
+                _memo[memo_key] = kernel
+    _recent[recent_key] = (kernel, table, table_stamp)
     return kernel

@@ -36,7 +36,8 @@ CANDIDATES["generic"] = CANDIDATES["avx2"]
 _loaded: dict = {}   # path -> (mtime_ns, size, table)
 
 
-def _path(isa: str) -> Path:
+def table_path(isa: str) -> Path:
+    """Where `isa`'s tuning table lives (under the current cache directory)."""
     from .cache import root
 
     return _join(root(), isa)
@@ -47,15 +48,23 @@ def _join(root: Path, isa: str) -> Path:    # asked on every kernel lookup: keep
     return root / isa / TUNING_NAME
 
 
-def _table(isa: str) -> dict:
-    path = _path(isa)
+def stamp(path: Path):
+    """(inode, mtime, size) of a tuning table, or None while there is none: a changed stamp
+    means the winners may have changed (each store renames a new file into place)."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _table(isa: str) -> dict:
+    path = table_path(isa)
+    stamp_now = stamp(path)
+    if stamp_now is None:
         return {}
-    stamp = (st.st_mtime_ns, st.st_size)
     cached = _loaded.get(path)
-    if cached and cached[0] == stamp:
+    if cached and cached[0] == stamp_now:
         return cached[1]
     try:
         table = json.loads(path.read_text())
@@ -63,7 +72,7 @@ def _table(isa: str) -> dict:
             table = {}
     except (OSError, ValueError):
         table = {}
-    _loaded[path] = (stamp, table)
+    _loaded[path] = (stamp_now, table)
     return table
 
 
@@ -81,7 +90,7 @@ def tile_for(spec: AttentionSpec, isa: str) -> TileConfig:
 
 
 def _store(spec: AttentionSpec, isa: str, tile: TileConfig, timings: dict) -> Path:
-    path = _path(isa)
+    path = table_path(isa)
     path.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(path) + ".lock", timeout=config.lock_timeout()):
         table = dict(_table(isa))

@@ -59,6 +59,23 @@ def test_alibi_slopes_given_explicitly():
     assert np.abs(out - ref).max() < 1e-5
 
 
+def test_kernel_lookup_follows_the_build_environment(monkeypatch):
+    """A changed ATTNGEN_ISA (or compiler, flags, cache directory) takes effect at the next
+    call, and changing it back finds the first kernel again."""
+    spec = attngen.AttentionSpec(head_dim=32, gqa=2, mask="causal")
+    first = attngen.get_kernel(spec)
+    assert attngen.get_kernel(spec) is first
+    monkeypatch.setenv("ATTNGEN_ISA", "generic")
+    fallback = attngen.get_kernel(spec)
+    assert fallback is not first and "(generic, " in fallback.source.splitlines()[0]
+    q = rng.standard_normal((1, 4, 20, 32)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, 20, 32)).astype(np.float32) for _ in range(2))
+    np.testing.assert_allclose(attngen.attention(q, k, v, causal=True),
+                               attention_reference(q, k, v, causal=True), atol=1e-5)
+    monkeypatch.delenv("ATTNGEN_ISA")
+    assert attngen.get_kernel(spec) is first
+
+
 def test_empty_batch():
     q = np.zeros((0, 2, 4, 16), np.float32)
     assert attngen.attention(q, q, q).shape == (0, 2, 4, 16)

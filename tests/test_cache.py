@@ -25,6 +25,7 @@ def fresh_cache(tmp_path, monkeypatch):
     """An empty cache directory and an empty in-process memo."""
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(kernel, "_memo", {})
+    monkeypatch.setattr(kernel, "_recent", {})
     return tmp_path / "cache"
 
 
@@ -90,6 +91,7 @@ def test_corrupt_entry_is_rebuilt(fresh_cache, monkeypatch, damage):
     second = cache.lookup(SPEC)
     assert not second.was_cached          # a miss, rebuilt, not a crash
     monkeypatch.setattr(kernel, "_memo", {})
+    monkeypatch.setattr(kernel, "_recent", {})
     assert check_spec(SPEC) < 1e-5        # and the rebuilt library works
     assert cache.lookup(SPEC).was_cached
 

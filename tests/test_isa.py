@@ -21,6 +21,7 @@ SPECS = [AttentionSpec(head_dim=24, gqa=3, mask="window", documents=True, bias="
 def test_fallback_isa(spec, isa, monkeypatch):
     monkeypatch.setenv("ATTNGEN_ISA", isa)
     monkeypatch.setattr(kernel, "_memo", {})
+    monkeypatch.setattr(kernel, "_recent", {})
     assert toolchain.detect().isa == isa
     k = kernel.get_kernel(spec)
     assert f"({isa}, " in k.source.splitlines()[0]

@@ -19,6 +19,7 @@ CANDIDATES = [TileConfig(2, 4, 4, 64), TileConfig(4, 2, 2, 128)]
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(kernel, "_memo", {})
+    monkeypatch.setattr(kernel, "_recent", {})
     return tmp_path / "cache"
 
 
@@ -33,9 +34,21 @@ def test_tune_stores_and_uses_the_winner(fresh_cache):
     assert check_spec(SPEC, k) <= TOLERANCE["f32"]
 
 
+def test_a_table_stored_elsewhere_is_seen_by_the_next_lookup(fresh_cache):
+    """Another process's `attngen tune` (no forget() here) changes what get_kernel loads."""
+    isa = attngen.toolchain.detect().isa
+    default_rows = tuning.tile_for(SPEC, isa).rows
+    assert f"#define ROWS {default_rows} " in attngen.get_kernel(SPEC).source
+    winner = next(tile for tile in CANDIDATES if tile.rows != default_rows)
+    tuning._store(SPEC, isa, winner, {})
+    k = attngen.get_kernel(SPEC)
+    assert f"#define ROWS {winner.rows} " in k.source
+    assert attngen.get_kernel(SPEC) is k
+
+
 def test_unreadable_tuning_table_means_defaults(fresh_cache):
     isa = attngen.toolchain.detect().isa
-    path = tuning._path(isa)
+    path = tuning.table_path(isa)
     path.parent.mkdir(parents=True)
     for junk in ("{not json", json.dumps({SPEC.slug: {"tile": {"rows": "x"}}}), "[]"):
         path.write_text(junk)
