@@ -15,6 +15,7 @@ import numpy as np
 from . import cache, config, tuning
 from .errors import AttngenError
 from .spec import AttentionSpec
+from .toolchain import Toolchain, detect
 
 CDEF = """
 typedef struct {
@@ -424,10 +425,7 @@ _memo_guard = threading.Lock()
 _recent: dict = {}
 
 
-def _memo_key(spec: AttentionSpec):
-    from .toolchain import detect
-
-    toolchain = detect()
+def _memo_key(spec: AttentionSpec, toolchain: Toolchain):
     return (spec, toolchain, tuning.tile_for(spec, toolchain.isa), tuple(config.extra_cflags()),
             str(config.cache_dir()))
 
@@ -441,7 +439,7 @@ def forget(spec: AttentionSpec) -> None:
 
 def loaded_kernel(spec: AttentionSpec):
     """The kernel for `spec` if this process has already loaded it, else None."""
-    return _memo.get(_memo_key(spec))
+    return _memo.get(_memo_key(spec, detect()))
 
 
 def get_kernel(spec: AttentionSpec) -> Kernel:
@@ -454,11 +452,10 @@ def get_kernel(spec: AttentionSpec) -> Kernel:
     recent = _recent.get(recent_key)
     if recent is not None and tuning.stamp(recent[1]) == recent[2]:
         return recent[0]
-    from .toolchain import detect
-
-    table = tuning.table_path(detect().isa)
+    toolchain = detect()
+    table = tuning.table_path(toolchain.isa)
     table_stamp = tuning.stamp(table)   # before the table is read: a later change is seen
-    memo_key = _memo_key(spec)
+    memo_key = _memo_key(spec, toolchain)
     kernel = _memo.get(memo_key)
     if kernel is None:
         with _memo_guard:   # one lock per spec, so different specs build in parallel

@@ -33,7 +33,7 @@ CANDIDATES = {
 CANDIDATES["avx512"] = CANDIDATES["avx512bf16"]
 CANDIDATES["generic"] = CANDIDATES["avx2"]
 
-_loaded: dict = {}   # path -> (mtime_ns, size, table)
+_loaded: dict = {}   # path -> (stamp(path), table)
 
 
 def table_path(isa: str) -> Path:
