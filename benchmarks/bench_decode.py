@@ -18,12 +18,20 @@ Contenders, checked against the float64 reference, then timed round-robin on the
 GB/s = bytes of K and V in the contender's storage dtype / median time. The read bandwidth
 of the case's own K and V (membw.py, all cores) is measured in the same rounds; "of peak" is
 attngen's GB/s over it.
+
+Every case is timed twice:
+* warm: calls back to back on the same arrays, so whatever of K and V fits in the L3 (32 MiB
+  here) is still there at the next call;
+* cold: every timed call (the memory read too) comes right after streaming a buffer 4x the
+  L3, as in a model, where every other layer's KV cache passes through the caches between
+  two steps of one layer.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import ml_dtypes
@@ -59,6 +67,22 @@ def burst(fn, calls=BURST):
     return run
 
 
+def cold_burst(fn, evict, calls=BURST):
+    """`calls` calls, each right after evict(); only the calls are timed."""
+    def run():
+        total = 0.0
+        for _ in range(calls):
+            evict()
+            start = time.perf_counter()
+            fn()
+            total += time.perf_counter() - start
+        return harness.Elapsed(total)
+    return run
+
+
+COLD_CONTENDERS = ("attngen", "attngen bf16", "torch", "memory read")
+
+
 def numpy_decode(q, k, v):
     """Materialised softmax, one kv head (and its GQA group of query heads) at a time."""
     B, Hq, Sq, D = q.shape
@@ -77,7 +101,7 @@ def numpy_decode(q, k, v):
     return out
 
 
-def run_case(case, repeats, threads, torch):
+def run_case(case, repeats, threads, torch, evict):
     B, Hq, Hkv, S = case
     rng = np.random.default_rng(0)
     q = rng.standard_normal((B, Hq, 1, HEAD_DIM), dtype=np.float32)
@@ -117,9 +141,17 @@ def run_case(case, repeats, threads, torch):
     timings = harness.time_round_robin({n: burst(c[0]) for n, c in contenders.items()},
                                        repeats, gap=GAP, max_other=NOISY_LOAD, stats=stats,
                                        settle={n: c[0] for n, c in contenders.items()})
-    timings = {n: harness.Timing([t / BURST for t in timing.seconds])
-               for n, timing in timings.items()}
-    return {"case": case, "errors": errors, "timings": timings, "stats": stats,
+    cold = {n: c for n, c in contenders.items() if n in COLD_CONTENDERS}
+    cold_stats = harness.RoundRobinStats()
+    cold_timings = harness.time_round_robin(
+        {n: cold_burst(c[0], evict) for n, c in cold.items()}, repeats, gap=GAP,
+        max_other=NOISY_LOAD, stats=cold_stats, settle={n: c[0] for n, c in cold.items()})
+
+    def per_call(measured):
+        return {n: harness.Timing([t / BURST for t in timing.seconds])
+                for n, timing in measured.items()}
+    return {"case": case, "errors": errors, "timings": per_call(timings), "stats": stats,
+            "cold": per_call(cold_timings), "cold_stats": cold_stats,
             "bytes": {n: c[1] for n, c in contenders.items()}}
 
 
@@ -179,12 +211,30 @@ def render(results, names, machine, args, overhead) -> str:
                        f"{t['attngen 1 split'] / t['attngen']:.2f}x",
                        f"{t['attngen'] / t['attngen bf16']:.2f}x"])
     lines.append(harness.markdown_table(headers, rows))
+    lines += ["", "### Cold caches", "",
+              "The same cases and arrays, each timed call right after streaming a buffer 4x the "
+              "L3 (the memory read too), as in a model: between two steps of one layer, every "
+              "other layer's KV cache passes through the caches. Same rounds, gap and bursts "
+              "as above.", ""]
+    cold_names = [n for n in results[0]["cold"] if n != "memory read"]
+    headers = (["B", "Hq", "Hkv", "Skv"] + [f"{n} ms (GB/s)" for n in cold_names]
+               + ["memory read GB/s", "attngen of peak", "bf16 speed-up"])
+    rows = []
+    for r in results:
+        t = {n: r["cold"][n].median for n in r["cold"]}
+        gbs = {n: r["bytes"][n] / t[n] / 1e9 for n in t}
+        rows.append([str(x) for x in r["case"]]
+                    + [f"{t[n] * 1e3:.2f} ({gbs[n]:.1f})" for n in cold_names]
+                    + [f"{gbs['memory read']:.1f}", f"{gbs['attngen'] / gbs['memory read']:.0%}",
+                       f"{t['attngen'] / t['attngen bf16']:.2f}x"])
+    lines.append(harness.markdown_table(headers, rows))
     lines += ["", "Max abs error vs the float64 reference (bf16 against the reference on the "
               "same bf16 inputs): " + "; ".join(
                   f"{r['case']}: " + ", ".join(f"{n} {r['errors'][n]:.1e}" for n in names)
                   for r in results[:1]) + " (first case; every case is checked).",
               "", "Rounds redone because other processes were busy: "
-              + ", ".join(str(r["stats"].rounds_discarded) for r in results) + "."]
+              + ", ".join(str(r["stats"].rounds_discarded) for r in results) + " (warm), "
+              + ", ".join(str(r["cold_stats"].rounds_discarded) for r in results) + " (cold)."]
     B, Hq, Hkv, S = OVERHEAD_CASE
     lines += ["", f"Fixed cost of a step: B={B} Hq={Hq} Hkv={Hkv} Skv={S}, median per call "
               f"over {OVERHEAD_CALLS} back-to-back calls: "
@@ -200,11 +250,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch = harness.load_torch(args.threads)
     machine = harness.machine_info(torch)
+    evict = membw.evictor(args.threads)
     results = []
     for case in CASES:
-        r = run_case(case, args.repeats, args.threads, torch)
+        r = run_case(case, args.repeats, args.threads, torch, evict)
         results.append(r)
-        print(case, {n: f"{t.median * 1e3:.2f} ms" for n, t in r["timings"].items()}, flush=True)
+        print(case, {n: f"{t.median * 1e3:.2f} ms" for n, t in r["timings"].items()},
+              "cold", {n: f"{t.median * 1e3:.2f} ms" for n, t in r["cold"].items()}, flush=True)
     overhead = call_overhead(args.threads, torch)
     print("fixed cost per step:", {n: f"{t * 1e6:.1f} us" for n, t in overhead.items()})
     names = [n for n in results[0]["timings"] if n != "memory read"]

@@ -8,7 +8,7 @@ Nothing here knows about a particular attention shape. It offers:
 * time_round_robin()        warm-up, then interleaved timed calls of several contenders,
                             each after an idle gap and an untimed settling call; on a
                             shared machine, waiting for quiet and redoing rounds other
-                            processes disturbed
+                            processes disturbed (a contender may time itself: Elapsed)
 * LoadMonitor               cores used by other processes while a block ran (/proc/stat)
 * matmul_ceiling()          this machine's fp32 GEMM rate (numpy/OpenBLAS, and torch)
 * openblas_avx512_ceiling() the same for numpy with OpenBLAS forced onto AVX-512 kernels
@@ -271,6 +271,14 @@ class Timing:
         return (max(self.seconds) - self.min) / self.median if self.median else 0.0
 
 
+@dataclass(frozen=True)
+class Elapsed:
+    """What a contender that times itself returns (it does untimed work around the calls it
+    measures, such as evicting the caches): time_round_robin records these seconds instead
+    of the whole call's."""
+    seconds: float
+
+
 def wait_for_quiet(max_other: float, window: float = 0.5, timeout: float = 60.0) -> bool:
     """Sleep until other processes use at most `max_other` cores over `window` seconds.
 
@@ -355,8 +363,9 @@ def time_round_robin(contenders: Mapping[str, Callable[[], object]], repeats: in
                 if settle and name in settle:
                     settle[name]()     # untimed: absorbs the wake-up after the gap
                 start = time.perf_counter()
-                fn()
-                this_round[name] = time.perf_counter() - start
+                result = fn()
+                elapsed = time.perf_counter() - start
+                this_round[name] = result.seconds if isinstance(result, Elapsed) else elapsed
         # The monitor spans the gaps too; our own workers' spinning there counts as ours.
         noisy = (max_other is not None and not math.isnan(load.other_cores)
                  and load.other_cores > max_other)

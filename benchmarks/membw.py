@@ -52,6 +52,27 @@ def reader(threads: int, gib: float = 0.5, arrays=None):
     return read, sum(n * 4 for _, n in spans)
 
 
+def largest_cache_bytes(default: int = 32 << 20) -> int:
+    """Size of the largest CPU cache sysfs reports (the L3 on x86), or `default`."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=default)
+
+
+def evictor(threads: int, factor: int = 4):
+    """evict(): streams a buffer `factor` times the largest cache, so that nothing an earlier
+    call read is still cached. That is the state a decode step meets inside a model: between
+    two steps of one layer, every other layer's KV cache passes through the caches."""
+    read, _ = reader(threads, gib=factor * largest_cache_bytes() / (1 << 30))
+    return read
+
+
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
     """Median GB/s of reading a `gib` GiB float32 array with `threads` threads."""
     import time
