@@ -1,5 +1,5 @@
-"""Shared fixtures: a temporary kernel cache for the whole session, and the manifest's
-kernels built once, in parallel, before the tests that use them."""
+"""Shared fixtures: a temporary kernel cache for the whole session, the manifest's kernels
+built once, in parallel, before the tests that use them, and per-test empty caches."""
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +12,7 @@ for _knob in ("ATTNGEN_ISA", "ATTNGEN_EXTRA_CFLAGS", "ATTNGEN_CC"):
     os.environ.pop(_knob, None)
 
 import attngen  # noqa: E402
-from attngen import manifest  # noqa: E402
+from attngen import kernel, manifest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,21 @@ def manifest_kernels():
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         kernels = list(pool.map(attngen.get_kernel, specs))
     return dict(zip(specs, kernels))
+
+
+@pytest.fixture
+def empty_kernel_memo(monkeypatch):
+    """This process's kernel lookups start empty (restored after the test); calling the
+    fixture's value empties them again mid-test."""
+    def empty():
+        monkeypatch.setattr(kernel, "_memo", {})
+        monkeypatch.setattr(kernel, "_recent", {})
+    empty()
+    return empty
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch, empty_kernel_memo):
+    """An empty cache directory and an empty in-process memo."""
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -14,19 +14,10 @@ import numpy as np
 import pytest
 
 import attngen
-from attngen import build, cache, kernel, toolchain
+from attngen import build, cache, toolchain
 from attngen.check import check_spec
 from attngen.errors import CacheError, CompileError
 from attngen.spec import AttentionSpec
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    """An empty cache directory and an empty in-process memo."""
-    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernel, "_memo", {})
-    monkeypatch.setattr(kernel, "_recent", {})
-    return tmp_path / "cache"
 
 
 SPEC = AttentionSpec(head_dim=32, gqa=2, mask="causal")
@@ -76,7 +67,7 @@ def _entry_dir():
 
 @pytest.mark.parametrize("damage", ["truncate_library", "truncate_meta", "delete_meta",
                                     "garbage_library_same_size"])
-def test_corrupt_entry_is_rebuilt(fresh_cache, monkeypatch, damage):
+def test_corrupt_entry_is_rebuilt(fresh_cache, empty_kernel_memo, damage):
     first = cache.lookup(SPEC)
     assert not first.was_cached
     library, meta = first.library_path, first.directory / cache.META_NAME
@@ -90,8 +81,7 @@ def test_corrupt_entry_is_rebuilt(fresh_cache, monkeypatch, damage):
         library.write_bytes(b"\0" * library.stat().st_size)
     second = cache.lookup(SPEC)
     assert not second.was_cached          # a miss, rebuilt, not a crash
-    monkeypatch.setattr(kernel, "_memo", {})
-    monkeypatch.setattr(kernel, "_recent", {})
+    empty_kernel_memo()
     assert check_spec(SPEC) < 1e-5        # and the rebuilt library works
     assert cache.lookup(SPEC).was_cached
 

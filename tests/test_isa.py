@@ -18,10 +18,8 @@ SPECS = [AttentionSpec(head_dim=24, gqa=3, mask="window", documents=True, bias="
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.slug)
-def test_fallback_isa(spec, isa, monkeypatch):
+def test_fallback_isa(spec, isa, monkeypatch, empty_kernel_memo):
     monkeypatch.setenv("ATTNGEN_ISA", isa)
-    monkeypatch.setattr(kernel, "_memo", {})
-    monkeypatch.setattr(kernel, "_recent", {})
     assert toolchain.detect().isa == isa
     k = kernel.get_kernel(spec)
     assert f"({isa}, " in k.source.splitlines()[0]

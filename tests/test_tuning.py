@@ -6,21 +6,13 @@ from click.testing import CliRunner
 
 import attngen
 import attngen.toolchain
-from attngen import kernel, tuning
+from attngen import tuning
 from attngen.check import TOLERANCE, check_spec
 from attngen.cli import main
 from attngen.render import TileConfig
 
 SPEC = attngen.AttentionSpec(head_dim=32, gqa=2, mask="causal")
 CANDIDATES = [TileConfig(2, 4, 4, 64), TileConfig(4, 2, 2, 128)]
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernel, "_memo", {})
-    monkeypatch.setattr(kernel, "_recent", {})
-    return tmp_path / "cache"
 
 
 def test_tune_stores_and_uses_the_winner(fresh_cache):
