@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+from time import monotonic
 
 import cffi
 import ml_dtypes
@@ -38,7 +39,8 @@ typedef struct {
     int32_t num_threads;
     int32_t num_splits;
 } attngen_params;
-int attngen_run(const attngen_params *p);
+int attngen_run(const attngen_params *layout, const void *q, const void *k, const void *v,
+                void *out, float *lse);
 const char *attngen_slug(void);
 """
 ffi = cffi.FFI()
@@ -49,6 +51,9 @@ NUMPY_DTYPE = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)
                "f16": np.dtype(np.float16)}
 SPEC_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPE.items()}
 LAYOUTS = ("bhsd", "bshd")
+# Checked call layouts a kernel remembers (a model makes a few per kernel; a long-context
+# loop whose length grows every step would otherwise grow the memo without bound).
+CHECKED_LAYOUTS_KEPT = 64
 
 
 def as_array(x, name: str) -> np.ndarray:
@@ -162,6 +167,8 @@ class Kernel:
     def __init__(self, spec: AttentionSpec, entry: cache.CacheEntry):
         self.spec = spec
         self.entry = entry
+        self._dtype = NUMPY_DTYPE[spec.dtype]
+        self._checked_layouts: dict = {}    # see __call__
         try:
             self._lib = ffi.dlopen(str(entry.library_path))
         except OSError:
@@ -192,6 +199,57 @@ class Kernel:
                  document_ids=None, bias=None, alibi=None, softcap=None, sinks=None,
                  return_lse=False, layout="bhsd", out=None, num_threads=None,
                  kv_lens=None, block_table=None, num_splits=None):
+        if num_threads is None:
+            num_threads = config.default_num_threads()
+        # A call that repeats the shapes, strides and options of an earlier plain call
+        # (numpy arrays, no per-call side arrays) reuses that call's checked layout: every
+        # check in _checked_call depends only on what the key holds. With cold caches (a
+        # model's other layers ran since) the checks cost ~100 us, more than a 4k-key step.
+        dtype = self._dtype
+        if (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray
+                and q.dtype is dtype and k.dtype is dtype and v.dtype is dtype
+                and (out is None or (type(out) is np.ndarray and out.dtype is dtype))
+                and kv_lens is None and block_table is None and document_ids is None
+                and bias is None and alibi is None and sinks is None):
+            key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
+                   None if out is None else (out.shape, out.strides), layout, scale,
+                   type(scale), causal, type(causal), window, type(window), prefix_len,
+                   type(prefix_len), softcap, return_lse, num_threads, type(num_threads),
+                   num_splits, type(num_splits))
+            try:
+                checked = self._checked_layouts.get(key)
+            except TypeError:   # an unhashable argument: the full checks will say what is wrong
+                key = checked = None
+            if checked is not None:
+                try:
+                    q_buf, k_buf, v_buf = ffi.from_buffer(q), ffi.from_buffer(k), ffi.from_buffer(v)
+                    if out is None:
+                        out = np.empty(q.shape, dtype)
+                    out_buf = ffi.from_buffer(out, require_writable=True)
+                except ValueError:  # not C-contiguous, or a read-only out: the checked way
+                    pass
+                else:
+                    lse = np.empty(checked[1], np.float32) if return_lse else None
+                    status = self._lib.attngen_run(checked[0], q_buf, k_buf, v_buf, out_buf,
+                                                   _ptr("float *", lse))
+                    if status:
+                        raise MemoryError(f"kernel {self.spec.slug} could not allocate its "
+                                          "scratch memory")
+                    return (out, lse) if return_lse else out
+        else:
+            key = None
+        return self._checked_call(q, k, v, key, scale=scale, causal=causal, window=window,
+                                  prefix_len=prefix_len, document_ids=document_ids, bias=bias,
+                                  alibi=alibi, softcap=softcap, sinks=sinks,
+                                  return_lse=return_lse, layout=layout, out=out,
+                                  num_threads=num_threads, kv_lens=kv_lens,
+                                  block_table=block_table, num_splits=num_splits)
+
+    def _checked_call(self, q, k, v, key, *, scale, causal, window, prefix_len, document_ids,
+                      bias, alibi, softcap, sinks, return_lse, layout, out, num_threads,
+                      kv_lens, block_table, num_splits):
+        """Check every argument, run the kernel, and remember the checked layout under `key`
+        (None: this call's kind is not reused)."""
         spec = self.spec
         torch_in = _is_torch(q)
         q_arr, k_arr, v_arr = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
@@ -368,15 +426,8 @@ class Kernel:
         outv = out_arr if layout == "bhsd" else out_arr.transpose(0, 2, 1, 3)
         lse = np.empty((B, Hq, Sq), dtype=np.float32) if return_lse else None
 
-        if num_threads is None:
-            num_threads = config.default_num_threads()
         num_threads = whole_number(num_threads, "num_threads", 1)
 
-        params.q = _ptr("const void *", qv)
-        params.k = _ptr("const void *", kv)
-        params.v = _ptr("const void *", vv)
-        params.out = _ptr("void *", outv)
-        params.lse = _ptr("float *", lse)
         params.batch, params.heads_q, params.heads_kv = B, Hq, Hkv
         params.seq_q, params.seq_kv = Sq, Skv
         params.q_stride = _element_strides(qv, "q")[:3]
@@ -391,9 +442,15 @@ class Kernel:
             params.num_splits = whole_number(num_splits, "num_splits", 1)
 
         if B and Hq and Sq:
-            status = self._lib.attngen_run(params)
+            status = self._lib.attngen_run(params, _ptr("const void *", qv), _ptr("const void *", kv),
+                                           _ptr("const void *", vv), _ptr("void *", outv),
+                                           _ptr("float *", lse))
             if status != 0:
                 raise MemoryError(f"kernel {spec.slug} could not allocate its scratch memory")
+            if key is not None:
+                if len(self._checked_layouts) >= CHECKED_LAYOUTS_KEPT:
+                    self._checked_layouts.clear()
+                self._checked_layouts[key] = (params, lse.shape if return_lse else None)
         del keep
 
         result = out_arr if out_user is None else out_user
@@ -420,9 +477,12 @@ _memo: dict = {}
 _memo_locks: dict = {}
 _memo_guard = threading.Lock()
 # The lookup a model makes at every layer of every step: (spec, build environment) ->
-# (kernel, its ISA's tuning table, that table's stamp). A hit costs a few environment reads
-# and one stat, where _memo_key resolves the toolchain and the blocking (~12 us).
+# (kernel, its ISA's tuning table, that table's stamp, when the stamp was read). A hit costs
+# a few environment reads, where _memo_key resolves the toolchain and the blocking (~12 us).
 _recent: dict = {}
+# How often a hit re-reads its tuning table's stamp, to see a table another process stored
+# (`attngen tune` here forgets the spec at once). The stat costs ~25-50 us with cold caches.
+TABLE_RECHECK_SECONDS = 1.0
 
 
 def _memo_key(spec: AttentionSpec, toolchain: Toolchain):
@@ -450,10 +510,17 @@ def get_kernel(spec: AttentionSpec) -> Kernel:
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
     recent_key = (spec, config.build_environment())
     recent = _recent.get(recent_key)
-    if recent is not None and tuning.stamp(recent[1]) == recent[2]:
-        return recent[0]
+    if recent is not None:
+        kernel, table, table_stamp, checked_at = recent
+        now = monotonic()
+        if now - checked_at < TABLE_RECHECK_SECONDS:
+            return kernel
+        if tuning.stamp(table) == table_stamp:
+            _recent[recent_key] = (kernel, table, table_stamp, now)
+            return kernel
     toolchain = detect()
     table = tuning.table_path(toolchain.isa)
+    checked_at = monotonic()
     table_stamp = tuning.stamp(table)   # before the table is read: a later change is seen
     memo_key = _memo_key(spec, toolchain)
     kernel = _memo.get(memo_key)
@@ -465,5 +532,5 @@ def get_kernel(spec: AttentionSpec) -> Kernel:
             if kernel is None:
                 kernel = Kernel(spec, cache.lookup(spec))
                 _memo[memo_key] = kernel
-    _recent[recent_key] = (kernel, table, table_stamp)
+    _recent[recent_key] = (kernel, table, table_stamp, checked_at)
     return kernel

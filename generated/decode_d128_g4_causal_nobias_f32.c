@@ -32,7 +32,7 @@
 
 /* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. */
 typedef struct {
-    const void *q, *k, *v;           /* elem_t: the storage type below */
+    const void *q, *k, *v;           /* elem_t: the storage type below; set by attngen_run */
     void *out;
     float *lse;                      /* [B, Hq, Sq] or NULL */
     int64_t batch, heads_q, heads_kv, seq_q, seq_kv;
@@ -858,6 +858,18 @@ static void attend_key_range(const attngen_params *p, tile_state *st, int64_t b,
     }
 }
 
+static int run(const attngen_params *p);
+
+/* The arrays come as arguments and everything else in `layout`, so a caller can check one
+ * layout once and reuse it for every call with the same shapes. */
+EXPORT int attngen_run(const attngen_params *layout, const void *q, const void *k,
+                       const void *v, void *out, float *lse)
+{
+    attngen_params p = *layout;
+    p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse;
+    return run(&p);
+}
+
 EXPORT const char *attngen_slug(void) { return "decode_d128_g4_causal_nobias_f32"; }
 
 
@@ -876,7 +888,7 @@ static int64_t choose_splits(const attngen_params *p, int threads, int64_t longe
     return want < 1 ? 1 : want;
 }
 
-EXPORT int attngen_run(const attngen_params *p)
+static int run(const attngen_params *p)
 {
     int threads = p->num_threads > 0 ? p->num_threads : omp_get_max_threads();
     int64_t rows = GQA * p->seq_q;

@@ -91,3 +91,35 @@ def test_torch_tensors_zero_copy():
     buf = torch.empty_like(q)
     assert attngen.attention(q, k, v, causal=True, out=buf) is buf
     assert (buf - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("layout, sq", [("bhsd", 1), ("bshd", 1), ("bhsd", 24)])
+def test_repeated_calls_reuse_the_checked_layout_with_their_own_arrays(layout, sq):
+    """From the second call with the same shapes on, the checks are skipped: every call must
+    still read its own q, k, v and write its own out and lse."""
+    shape_q, shape_kv = ((2, 8, sq, 64), (2, 2, 40, 64)) if layout == "bhsd" else \
+        ((2, sq, 8, 64), (2, 40, 2, 64))
+    kern = attngen.get_kernel(attngen.AttentionSpec(
+        head_dim=64, gqa=4, mask="causal", phase="decode" if sq == 1 else "prefill"))
+    kern._checked_layouts.clear()
+    out = np.empty(shape_q, np.float32)
+    for call in range(3):
+        q = rng.standard_normal(shape_q).astype(np.float32)
+        k, v = (rng.standard_normal(shape_kv).astype(np.float32) for _ in range(2))
+        got, lse = kern(q, k, v, causal=True, layout=layout, return_lse=True)
+        into = kern(q, k, v, causal=True, layout=layout, out=out)
+        ref, ref_lse = attention_reference(q, k, v, causal=True, layout=layout, return_lse=True)
+        assert np.abs(got - ref).max() < 1e-5 and np.abs(lse - ref_lse).max() < 1e-5
+        assert into is out and np.abs(out - ref).max() < 1e-5
+    assert len(kern._checked_layouts) == 2     # with and without out=/return_lse
+
+
+def test_a_remembered_layout_is_not_reused_for_other_strides():
+    """A strided view with the same shape as an earlier dense call is read where it lies."""
+    kern = attngen.get_kernel(attngen.AttentionSpec(head_dim=32, gqa=1, mask="causal"))
+    qkv = rng.standard_normal((1, 3, 4, 16, 32)).astype(np.float32)
+    dense = [np.ascontiguousarray(qkv[:, i]) for i in range(3)]
+    kern(*dense, causal=True)
+    got = kern(qkv[:, 0], qkv[:, 1], qkv[:, 2], causal=True)
+    ref = attention_reference(*dense, causal=True)
+    assert np.abs(got - ref).max() < 1e-5

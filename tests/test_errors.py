@@ -144,3 +144,28 @@ def test_fully_masked_rows_are_zero_not_nan():
     q, k, v = arrays(Sq=3, Skv=0)
     out, lse = attngen.attention(q, k, v, return_lse=True)
     assert (out == 0).all() and np.isneginf(lse).all()
+
+
+def test_bad_arguments_are_caught_after_a_layout_was_remembered():
+    """The checks a repeated call skips depend only on its key: anything else that differs
+    from the remembered call still gets the full checks and their errors."""
+    q, k, v = arrays(Sq=1, Skv=16)
+    kern = attngen.get_kernel(attngen.AttentionSpec(head_dim=32, gqa=2, mask="causal",
+                                                    phase="decode"))
+    out = np.empty_like(q)
+    for _ in range(2):
+        kern(q, k, v, causal=True, out=out, num_threads=2)
+    read_only = np.empty_like(q)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        kern(q, k, v, causal=True, out=read_only, num_threads=2)
+    with pytest.raises(TypeError, match="causal must be True or False, got 1"):
+        kern(q, k, v, causal=1, out=out, num_threads=2)
+    with pytest.raises(ValueError, match="num_threads must be an int >= 1, got 2.0"):
+        kern(q, k, v, causal=True, out=out, num_threads=2.0)
+    with pytest.raises(TypeError, match="k must be float32 .* got float16"):
+        kern(q, k.astype(np.float16), v, causal=True, out=out, num_threads=2)
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        kern(q, k, v, causal=True, out=out.astype(np.float64), num_threads=2)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        kern(q, k, v, causal=True, out=out, num_threads=2, scale=float("nan"))

@@ -26,13 +26,21 @@ def test_tune_stores_and_uses_the_winner(fresh_cache):
     assert check_spec(SPEC, k) <= TOLERANCE["f32"]
 
 
-def test_a_table_stored_elsewhere_is_seen_by_the_next_lookup(fresh_cache):
-    """Another process's `attngen tune` (no forget() here) changes what get_kernel loads."""
+def test_a_table_stored_elsewhere_is_seen_once_the_recheck_interval_passes(fresh_cache,
+                                                                          monkeypatch):
+    """Another process's `attngen tune` (no forget() here) changes what get_kernel loads,
+    from the first lookup TABLE_RECHECK_SECONDS after the last look at the table."""
+    clock = [1000.0]
+    monkeypatch.setattr(attngen.kernel, "monotonic", lambda: clock[0])
     isa = attngen.toolchain.detect().isa
     default_rows = tuning.tile_for(SPEC, isa).rows
-    assert f"#define ROWS {default_rows} " in attngen.get_kernel(SPEC).source
+    first = attngen.get_kernel(SPEC)
+    assert f"#define ROWS {default_rows} " in first.source
     winner = next(tile for tile in CANDIDATES if tile.rows != default_rows)
     tuning._store(SPEC, isa, winner, {})
+    clock[0] += 0.5 * attngen.kernel.TABLE_RECHECK_SECONDS
+    assert attngen.get_kernel(SPEC) is first
+    clock[0] += attngen.kernel.TABLE_RECHECK_SECONDS
     k = attngen.get_kernel(SPEC)
     assert f"#define ROWS {winner.rows} " in k.source
     assert attngen.get_kernel(SPEC) is k
