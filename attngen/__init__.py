@@ -8,4 +8,5 @@ from .render import render
 from .spec import AttentionSpec
 
 __all__ = ["__version__", "attention", "spec_for_call", "AttngenError", "CacheError",
-           "CompileError", "SpecError", "Kernel", "get_kernel", "render", "AttentionSpec"]
+           "CompileError", "SpecError", "Kernel", "get_kernel", "KVCache", "PagedKVCache",
+           "render", "AttentionSpec"]

@@ -6,7 +6,6 @@ is part of the cache key) says exactly what the code was built for.
 from __future__ import annotations
 
 import functools
-import re
 import subprocess
 from dataclasses import dataclass
 

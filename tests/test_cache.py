@@ -7,16 +7,14 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import filelock
-import numpy as np
 import pytest
 
 import attngen
 from attngen import build, cache, toolchain
 from attngen.check import check_spec
-from attngen.errors import CacheError, CompileError
+from attngen.errors import CompileError
 from attngen.spec import AttentionSpec
 
 

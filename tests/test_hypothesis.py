@@ -1,5 +1,4 @@
 """Random small shapes and random combinations of modes, against the reference."""
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
