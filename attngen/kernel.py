@@ -27,7 +27,7 @@ typedef struct {
     int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
     const int32_t *kv_lens;
     const int32_t *block_table;
-    int64_t block_table_stride, page_size;
+    int64_t block_table_stride, page_size, num_pages;
     float scale, softcap;
     int64_t window, prefix_len;
     const int32_t *doc_ids;
@@ -40,7 +40,7 @@ typedef struct {
     int32_t num_splits;
 } attngen_params;
 int attngen_run(const attngen_params *layout, const void *q, const void *k, const void *v,
-                void *out, float *lse);
+                void *out, float *lse, const int32_t *kv_lens, const int32_t *block_table);
 const char *attngen_slug(void);
 """
 ffi = cffi.FFI()
@@ -83,6 +83,8 @@ def _is_torch(x) -> bool:
 
 _CTYPES = {name: ffi.typeof(name) for name in
            ("const void *", "void *", "float *", "const float *", "const int32_t *")}
+INT32 = np.dtype(np.int32)
+ATTNGEN_ENOMEM, ATTNGEN_EINVAL = 1, 2     # attngen_run's failures (common.c.j2)
 
 
 def _ptr(ctype: str, array: np.ndarray | None):
@@ -97,6 +99,14 @@ def _ptr(ctype: str, array: np.ndarray | None):
         except (TypeError, ValueError, BufferError):
             pass    # an exporter that refuses a plain buffer: take the slow way
     return ffi.cast(ctype, array.ctypes.data)
+
+
+def _dense_int32_ptr(array: np.ndarray | None):
+    """An int32 array's address, or a ValueError when it is not C-contiguous (the layout
+    a reused call relies on)."""
+    if array is None:
+        return ffi.NULL
+    return ffi.cast(_CTYPES["const int32_t *"], ffi.from_buffer(array))
 
 
 def _element_strides(array: np.ndarray, name: str) -> tuple[int, ...]:
@@ -202,17 +212,23 @@ class Kernel:
         if num_threads is None:
             num_threads = config.default_num_threads()
         # A call that repeats the shapes, strides and options of an earlier plain call
-        # (numpy arrays, no per-call side arrays) reuses that call's checked layout: every
-        # check in _checked_call depends only on what the key holds. With cold caches (a
-        # model's other layers ran since) the checks cost ~100 us, more than a 4k-key step.
+        # (numpy arrays; no bias, alibi, sinks or document ids) reuses that call's checked
+        # layout: every check in _checked_call depends only on what the key holds, but for
+        # the values of kv_lens and block_table, which the C entry point checks. With cold
+        # caches (a model's other layers ran since) the checks cost ~100 us, more than a
+        # 4k-key decode step.
         dtype = self._dtype
         if (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray
                 and q.dtype is dtype and k.dtype is dtype and v.dtype is dtype
                 and (out is None or (type(out) is np.ndarray and out.dtype is dtype))
-                and kv_lens is None and block_table is None and document_ids is None
-                and bias is None and alibi is None and sinks is None):
+                and (kv_lens is None or (type(kv_lens) is np.ndarray and kv_lens.dtype is INT32))
+                and (block_table is None
+                     or (type(block_table) is np.ndarray and block_table.dtype is INT32))
+                and document_ids is None and bias is None and alibi is None and sinks is None):
             key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
-                   None if out is None else (out.shape, out.strides), layout, scale,
+                   None if out is None else (out.shape, out.strides),
+                   None if kv_lens is None else kv_lens.shape,
+                   None if block_table is None else block_table.shape, layout, scale,
                    type(scale), causal, type(causal), window, type(window), prefix_len,
                    type(prefix_len), softcap, return_lse, num_threads, type(num_threads),
                    num_splits, type(num_splits))
@@ -226,16 +242,17 @@ class Kernel:
                     if out is None:
                         out = np.empty(q.shape, dtype)
                     out_buf = ffi.from_buffer(out, require_writable=True)
+                    lens_ptr, table_ptr = _dense_int32_ptr(kv_lens), _dense_int32_ptr(block_table)
                 except ValueError:  # not C-contiguous, or a read-only out: the checked way
                     pass
                 else:
                     lse = np.empty(checked[1], np.float32) if return_lse else None
                     status = self._lib.attngen_run(checked[0], q_buf, k_buf, v_buf, out_buf,
-                                                   _ptr("float *", lse))
-                    if status:
-                        raise MemoryError(f"kernel {self.spec.slug} could not allocate its "
-                                          "scratch memory")
-                    return (out, lse) if return_lse else out
+                                                   _ptr("float *", lse), lens_ptr, table_ptr)
+                    if status != ATTNGEN_EINVAL:
+                        self._raise_for(status)
+                        return (out, lse) if return_lse else out
+                    # A length or page out of range: _checked_call says which.
         else:
             key = None
         return self._checked_call(q, k, v, key, scale=scale, causal=causal, window=window,
@@ -328,9 +345,9 @@ class Kernel:
                     raise ValueError(f"block_table[{b}] refers to page {int(bad)}, outside "
                                      f"0..{num_pages - 1} (num_pages={num_pages})")
             keep.append(table)
-            params.block_table = _ptr("const int32_t *", table)
             params.block_table_stride = table.shape[1]
             params.page_size = page_size
+            params.num_pages = num_pages
 
         longest = int(lens.max()) if lens is not None and B else Skv
 
@@ -434,7 +451,6 @@ class Kernel:
         params.k_stride = _element_strides(kv, "k")[:3]
         params.v_stride = _element_strides(vv, "v")[:3]
         params.out_stride = _element_strides(outv, "out")[:3]
-        params.kv_lens = _ptr("const int32_t *", lens)
         params.num_threads = num_threads
         if num_splits is not None:
             if spec.phase != "decode":
@@ -442,11 +458,11 @@ class Kernel:
             params.num_splits = whole_number(num_splits, "num_splits", 1)
 
         if B and Hq and Sq:
-            status = self._lib.attngen_run(params, _ptr("const void *", qv), _ptr("const void *", kv),
-                                           _ptr("const void *", vv), _ptr("void *", outv),
-                                           _ptr("float *", lse))
-            if status != 0:
-                raise MemoryError(f"kernel {spec.slug} could not allocate its scratch memory")
+            status = self._lib.attngen_run(
+                params, _ptr("const void *", qv), _ptr("const void *", kv),
+                _ptr("const void *", vv), _ptr("void *", outv), _ptr("float *", lse),
+                _ptr("const int32_t *", lens), _ptr("const int32_t *", table if paged else None))
+            self._raise_for(status)
             if key is not None:
                 if len(self._checked_layouts) >= CHECKED_LAYOUTS_KEPT:
                     self._checked_layouts.clear()
@@ -460,6 +476,12 @@ class Kernel:
                       if out_arr.dtype == NUMPY_DTYPE["bf16"] else torch.from_numpy(out_arr))
             lse = torch.from_numpy(lse) if lse is not None else None
         return (result, lse) if return_lse else result
+
+    def _raise_for(self, status: int) -> None:
+        if status == ATTNGEN_ENOMEM:
+            raise MemoryError(f"kernel {self.spec.slug} could not allocate its scratch memory")
+        if status != 0:     # the checks before the call rule out anything else
+            raise AttngenError(f"kernel {self.spec.slug} refused its arguments (status {status})")
 
     def _check_mask_args(self, causal, window, prefix_len, document_ids):
         spec = self.spec

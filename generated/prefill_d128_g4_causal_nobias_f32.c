@@ -30,16 +30,17 @@
  * per lane), K packed as d-pairs, V and P as key-pairs; softmax and sums stay float32. */
 #define BF16_DOT 0
 
-/* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. */
+/* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. The
+ * pointers q, k, v, out, lse, kv_lens and block_table come from attngen_run's arguments. */
 typedef struct {
-    const void *q, *k, *v;           /* elem_t: the storage type below; set by attngen_run */
+    const void *q, *k, *v;           /* elem_t: the storage type below */
     void *out;
     float *lse;                      /* [B, Hq, Sq] or NULL */
     int64_t batch, heads_q, heads_kv, seq_q, seq_kv;
     int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];   /* batch, head, seq */
     const int32_t *kv_lens;          /* [B] or NULL: every sequence has seq_kv keys */
     const int32_t *block_table;      /* paged: [B, block_table_stride] page indices */
-    int64_t block_table_stride, page_size;
+    int64_t block_table_stride, page_size, num_pages;
     float scale, softcap;
     int64_t window, prefix_len;
     const int32_t *doc_ids;          /* [B, doc_stride] */
@@ -52,7 +53,7 @@ typedef struct {
     int32_t num_splits;              /* decode: KV partitions per sequence, 0 = choose */
 } attngen_params;
 
-enum { ATTNGEN_OK = 0, ATTNGEN_ENOMEM = 1 };
+enum { ATTNGEN_OK = 0, ATTNGEN_ENOMEM = 1, ATTNGEN_EINVAL = 2 };
 
 /* ---- SIMD helpers (GCC vector extensions: the compiler maps them to the ISA). ---- */
 typedef float vf __attribute__((vector_size(VL * 4)));
@@ -820,13 +821,34 @@ static void attend_key_range(const attngen_params *p, tile_state *st, int64_t b,
 
 static int run(const attngen_params *p);
 
+/* Every length within the cache and every page a length reaches within the pool: a caller
+ * that reuses a checked layout has not looked at these values, and a bad one would read
+ * outside K/V. */
+static int kv_indices_valid(const attngen_params *p)
+{
+    if (!p->kv_lens) return !p->block_table;
+    int64_t capacity = p->block_table ? p->block_table_stride * p->page_size : p->seq_kv;
+    for (int64_t b = 0; b < p->batch; b++) {
+        int64_t len = p->kv_lens[b];
+        if (len < 0 || len > capacity) return 0;
+        if (!p->block_table) continue;
+        const int32_t *pages = p->block_table + b * p->block_table_stride;
+        for (int64_t i = 0; i < (len + p->page_size - 1) / p->page_size; i++)
+            if (pages[i] < 0 || pages[i] >= p->num_pages) return 0;
+    }
+    return 1;
+}
+
 /* The arrays come as arguments and everything else in `layout`, so a caller can check one
  * layout once and reuse it for every call with the same shapes. */
 EXPORT int attngen_run(const attngen_params *layout, const void *q, const void *k,
-                       const void *v, void *out, float *lse)
+                       const void *v, void *out, float *lse, const int32_t *kv_lens,
+                       const int32_t *block_table)
 {
     attngen_params p = *layout;
     p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse;
+    p.kv_lens = kv_lens, p.block_table = block_table;
+    if (!kv_indices_valid(&p)) return ATTNGEN_EINVAL;
     return run(&p);
 }
 

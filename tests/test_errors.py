@@ -169,3 +169,39 @@ def test_bad_arguments_are_caught_after_a_layout_was_remembered():
         kern(q, k, v, causal=True, out=out.astype(np.float64), num_threads=2)
     with pytest.raises(ValueError, match="scale must be a finite number"):
         kern(q, k, v, causal=True, out=out, num_threads=2, scale=float("nan"))
+
+
+def test_lengths_and_pages_are_checked_when_a_paged_layout_is_reused():
+    """A reused layout skips the Python checks of kv_lens and block_table values; the C entry
+    point refuses them instead, and the full checks then name the bad value."""
+    q = rng.standard_normal((2, 2, 1, 32)).astype(np.float32)
+    pages = rng.standard_normal((4, 1, 16, 32)).astype(np.float32)
+    kern = attngen.get_kernel(attngen.AttentionSpec(head_dim=32, gqa=2, mask="causal",
+                                                    phase="decode", kv_layout="paged"))
+    table, lens = np.array([[0, 1], [2, 3]], np.int32), np.array([20, 5], np.int32)
+    for _ in range(2):
+        kern(q, pages, pages, causal=True, block_table=table, kv_lens=lens)
+    assert len(kern._checked_layouts) == 1
+    with pytest.raises(ValueError, match=r"block_table\[1\] refers to page 9, outside 0..3"):
+        kern(q, pages, pages, causal=True, block_table=np.array([[0, 1], [9, 3]], np.int32),
+             kv_lens=lens)
+    with pytest.raises(ValueError, match="kv_lens must be <= the cache capacity 32, got max 33"):
+        kern(q, pages, pages, causal=True, block_table=table, kv_lens=np.array([33, 5], np.int32))
+    with pytest.raises(ValueError, match="kv_lens must be >= 0, got min -1"):
+        kern(q, pages, pages, causal=True, block_table=table, kv_lens=np.array([3, -1], np.int32))
+    padded = np.array([[2, -1], [3, 7]], np.int32)     # entries past each length are not read
+    out = kern(q, pages, pages, causal=True, block_table=padded, kv_lens=np.array([10, 16], np.int32))
+    ref = attention_reference(q, pages, pages, causal=True, block_table=padded, kv_lens=[10, 16])
+    assert np.abs(out - ref).max() < 1e-5
+
+
+def test_contiguous_lengths_are_checked_when_a_layout_is_reused():
+    q, k, v = arrays(B=2, Sq=1, Skv=16)
+    for _ in range(2):
+        attngen.attention(q, k, v, causal=True, kv_lens=np.array([16, 3], np.int32))
+    with pytest.raises(ValueError, match="kv_lens must be <= the cache capacity 16, got max 17"):
+        attngen.attention(q, k, v, causal=True, kv_lens=np.array([17, 3], np.int32))
+    lens = np.array([7, 12], np.int32)
+    out = attngen.attention(q, k, v, causal=True, kv_lens=lens)
+    ref = attention_reference(q, k, v, causal=True, kv_lens=lens)
+    assert np.abs(out - ref).max() < 1e-5
