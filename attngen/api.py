@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 
-
 from .kernel import SPEC_DTYPE, as_array, get_kernel, mask_mode
 from .spec import AttentionSpec
 

@@ -249,9 +249,10 @@ class Kernel:
                     lse = np.empty(checked[1], np.float32) if return_lse else None
                     status = self._lib.attngen_run(checked[0], q_buf, k_buf, v_buf, out_buf,
                                                    _ptr("float *", lse), lens_ptr, table_ptr)
+                    if status == 0:
+                        return (out, lse) if return_lse else out
                     if status != ATTNGEN_EINVAL:
                         self._raise_for(status)
-                        return (out, lse) if return_lse else out
                     # A length or page out of range: _checked_call says which.
         else:
             key = None
@@ -270,7 +271,7 @@ class Kernel:
         spec = self.spec
         torch_in = _is_torch(q)
         q_arr, k_arr, v_arr = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
-        dtype = NUMPY_DTYPE[spec.dtype]
+        dtype = self._dtype
         for name, array in (("q", q_arr), ("k", k_arr), ("v", v_arr)):
             if array.dtype != dtype:
                 raise TypeError(f"{name} must be {dtype} for this kernel (spec dtype "
@@ -462,7 +463,8 @@ class Kernel:
                 params, _ptr("const void *", qv), _ptr("const void *", kv),
                 _ptr("const void *", vv), _ptr("void *", outv), _ptr("float *", lse),
                 _ptr("const int32_t *", lens), _ptr("const int32_t *", table if paged else None))
-            self._raise_for(status)
+            if status:
+                self._raise_for(status)
             if key is not None:
                 if len(self._checked_layouts) >= CHECKED_LAYOUTS_KEPT:
                     self._checked_layouts.clear()
@@ -478,10 +480,11 @@ class Kernel:
         return (result, lse) if return_lse else result
 
     def _raise_for(self, status: int) -> None:
+        """Raise for attngen_run's non-zero `status`."""
         if status == ATTNGEN_ENOMEM:
             raise MemoryError(f"kernel {self.spec.slug} could not allocate its scratch memory")
-        if status != 0:     # the checks before the call rule out anything else
-            raise AttngenError(f"kernel {self.spec.slug} refused its arguments (status {status})")
+        # The checks before the call rule out anything else.
+        raise AttngenError(f"kernel {self.spec.slug} refused its arguments (status {status})")
 
     def _check_mask_args(self, causal, window, prefix_len, document_ids):
         spec = self.spec
