@@ -20,7 +20,8 @@
 #define BK (KCOLS * VL)                          /* keys per K/V tile */
 #define ROWS 4                      /* query rows per micro-kernel block */
 #define PV_CHUNK 8              /* output vectors per P.V block */
-#define QK_DIRECT_ROWS 2        /* query rows held in registers while scoring in place */
+#define QK_DIRECT_ROWS 8        /* query rows sharing each K row load while scoring in place */
+#define QK_KVECS 16              /* K vectors held in registers while scoring in place */
 /* Read K/V rows in place instead of packing tiles: pays when few query rows share a tile
  * (decode); needs whole vectors per row. */
 #define DIRECT_KV 1
@@ -603,44 +604,54 @@ INLINE vf transpose_max(vf v[VL])
 }
 
 /* Scores of rows [r0, r0 + nr) against keys [j0, j0 + VL), K rows read in place
- * (DIRECT_KV): the rows' queries stay in registers, each K vector is loaded once for all nr
- * rows, and every dot product keeps two partial sums (half the FMA dependency chain). One
- * transpose-sum per row. Padding keys read the zero row. Row block `pass` of `passes` also
- * prefetches its share of the K rows PREFETCH_KEYS ahead, one share per key. */
+ * (DIRECT_KV). Each K row is loaded into registers once, QK_KVECS vectors at a time, and
+ * dotted with every row's query, read from L1: holding queries in registers instead needs
+ * a pass over the keys per few rows, each reloading K, and scored 1.5x slower. Two partial
+ * sums per dot product, one transpose-sum per row. Padding keys read the zero row. Row
+ * block `pass` of `passes` also prefetches its share of the K rows PREFETCH_KEYS ahead. */
 INLINE void qk_direct_block(const attngen_params *p, tile_state *st, int64_t r0, int64_t j0,
                             const int nr, int pass, int passes)
 {
     vf part[QK_DIRECT_ROWS][VL];
     (void)p;
-    vf q[QK_DIRECT_ROWS][DVEC];
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < DVEC; c++) q[r][c] = vload(st->q + (r0 + r) * DP + c * VL);
     for (int jj = 0; jj < VL; jj++) {
         const kvrow_t *k = st->krows[j0 + jj];
         prefetch_row_part(st->kahead[j0 + jj], pass, passes);
-        vf acc[2][QK_DIRECT_ROWS];
-        for (int r = 0; r < nr; r++) acc[0][r] = acc[1][r] = vbroadcast(0.0f);
-        for (int c = 0; c < DVEC; c++) {
-            vf kc = load_kvrow(k + c * VL);
-            for (int r = 0; r < nr; r++) acc[c & 1][r] += q[r][c] * kc;
+        for (int c0 = 0; c0 < DVEC; c0 += QK_KVECS) {
+            const int nc = DVEC - c0 < QK_KVECS ? DVEC - c0 : QK_KVECS;
+            vf kc[QK_KVECS];
+            for (int c = 0; c < nc; c++) kc[c] = load_kvrow(k + (c0 + c) * VL);
+            for (int r = 0; r < nr; r++) {
+                const float *q = st->q + (r0 + r) * DP + c0 * VL;
+                vf acc[2] = { c0 ? part[r][jj] : vbroadcast(0.0f), vbroadcast(0.0f) };
+                for (int c = 0; c < nc; c++) acc[c & 1] += vload(q + c * VL) * kc[c];
+                part[r][jj] = acc[0] + acc[1];
+            }
         }
-        for (int r = 0; r < nr; r++) part[r][jj] = acc[0][r] + acc[1][r];
     }
     for (int r = 0; r < nr; r++) vstore(st->s + (r0 + r) * BK + j0, transpose_sum(part[r]));
 }
 
-/* s[r][j] = q[r] . k_j for rows [r_begin, r_end) and every key of the tile, K read in place. */
+/* s[r][j] = q[r] . k_j for rows [r_begin, r_end) and every key of the tile, K read in place,
+ * QK_DIRECT_ROWS rows per pass over the keys (the last pass takes the rest). */
 static void qk_rows_direct(const attngen_params *p, tile_state *st, int64_t r_begin,
                            int64_t r_end, int64_t nk)
 {
-    int64_t rows = r_end - r_begin;
-    int passes = (int)(rows / QK_DIRECT_ROWS + rows % QK_DIRECT_ROWS);   /* row blocks; each prefetches its share */
+    int passes = (int)((r_end - r_begin + QK_DIRECT_ROWS - 1) / QK_DIRECT_ROWS);   /* each prefetches its share */
     for (int64_t j0 = 0; j0 < nk; j0 += VL) {
-        int64_t r0 = r_begin;
         int pass = 0;
-        for (; r0 + QK_DIRECT_ROWS <= r_end; r0 += QK_DIRECT_ROWS)
-            qk_direct_block(p, st, r0, j0, QK_DIRECT_ROWS, pass++, passes);
-        for (; r0 < r_end; r0++) qk_direct_block(p, st, r0, j0, 1, pass++, passes);
+        for (int64_t r0 = r_begin; r0 < r_end; r0 += QK_DIRECT_ROWS, pass++) {
+            switch (r_end - r0 < QK_DIRECT_ROWS ? r_end - r0 : QK_DIRECT_ROWS) {
+            case 1: qk_direct_block(p, st, r0, j0, 1, pass, passes); break;
+            case 2: qk_direct_block(p, st, r0, j0, 2, pass, passes); break;
+            case 3: qk_direct_block(p, st, r0, j0, 3, pass, passes); break;
+            case 4: qk_direct_block(p, st, r0, j0, 4, pass, passes); break;
+            case 5: qk_direct_block(p, st, r0, j0, 5, pass, passes); break;
+            case 6: qk_direct_block(p, st, r0, j0, 6, pass, passes); break;
+            case 7: qk_direct_block(p, st, r0, j0, 7, pass, passes); break;
+            case 8: qk_direct_block(p, st, r0, j0, 8, pass, passes); break;
+            }
+        }
     }
 }
 

@@ -20,7 +20,8 @@
 #define BK (KCOLS * VL)                          /* keys per K/V tile */
 #define ROWS 6                      /* query rows per micro-kernel block */
 #define PV_CHUNK 4              /* output vectors per P.V block */
-#define QK_DIRECT_ROWS 2        /* query rows held in registers while scoring in place */
+#define QK_DIRECT_ROWS 8        /* query rows sharing each K row load while scoring in place */
+#define QK_KVECS 16              /* K vectors held in registers while scoring in place */
 /* Read K/V rows in place instead of packing tiles: pays when few query rows share a tile
  * (decode); needs whole vectors per row. */
 #define DIRECT_KV 0

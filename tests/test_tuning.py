@@ -67,9 +67,12 @@ def test_tune_command(fresh_cache, monkeypatch):
 @pytest.mark.parametrize("gqa", [1, 2, 3, 4, 7, 8, 16, 32])
 def test_decode_default_rows_divide_the_group(gqa):
     """One decode token's rows are its GQA group: the micro-kernel block must divide it, so
-    no block computes padding rows."""
-    from attngen.render import DEFAULT_TILES, default_tile
+    no block computes padding rows. AVX-512 blocks up to 8 rows, the others no more than
+    their prefill blocks."""
+    from attngen.render import DEFAULT_TILES, ISA_PARAMS, default_tile
 
     for isa in DEFAULT_TILES:
         tile = default_tile(attngen.AttentionSpec(64, gqa, "causal", phase="decode"), isa)
-        assert gqa % tile.rows == 0 and tile.rows <= DEFAULT_TILES[isa].rows
+        most = 8 if ISA_PARAMS[isa].vector_width == 16 else DEFAULT_TILES[isa].rows
+        assert gqa % tile.rows == 0 and tile.rows <= most
+        assert tile.rows == max(r for r in range(1, most + 1) if gqa % r == 0)
