@@ -266,6 +266,10 @@ typedef struct {
     uint32_t *kt2;            /* BF16_DOT: [DP/2][BK] K tile, one d-pair per key */
     uint32_t *vt2;            /* BF16_DOT: [BK/2][DP] V tile, one key-pair per column */
     uint32_t *p2;             /* BF16_DOT: [rows_pad][BK/2] probabilities as bf16 pairs */
+    /* Prefill: the query rows this thread works on next (GQA heads of kv head ahead_hkv,
+     * queries [ahead_q0, ahead_q0 + ahead_nq) of sequence ahead_b; ahead_nq = 0: none),
+     * prefetched while the current block's last tile is scored. */
+    int64_t ahead_b, ahead_hkv, ahead_q0, ahead_nq;
     float *m, *l;             /* [rows_pad] running max and running sum */
     int64_t *row_head, *row_qi, *row_qpos;
     void *block;              /* the one allocation all of the above live in */
@@ -496,6 +500,37 @@ INLINE void prefetch_row_part(const elem_t *row, int part, int parts)
     const int lines = (HEAD_DIM * (int)sizeof(elem_t) + 63) / 64;
     for (int line = lines * part / parts; line < lines * (part + 1) / parts; line++)
         __builtin_prefetch((const char *)row + 64 * line, 0, 3);
+}
+
+/* Prefill reads each K/V tile and query block from memory once or a few times, in bursts
+ * (packing a tile, loading a block) that stall on memory unless fetched ahead: while tile
+ * k0 is scored, share `part` of `parts` of what comes next is prefetched into L2: the next
+ * tile's K and V rows (keys from k_next, below k_end), or after the last tile the query
+ * rows of this thread's next block. A D=64 documents prefill ran 8% (fp32) to 12% (bf16)
+ * faster, causal D=128 1.5%. */
+INLINE void prefetch_ahead(const attngen_params *p, const tile_state *st, int64_t b,
+                           int64_t hkv, int64_t k_next, int64_t k_end, int part, int parts)
+{
+    const int lines = (HEAD_DIM * (int)sizeof(elem_t) + 63) / 64;
+    if (k_next < k_end) {
+        int64_t nk = k_end - k_next < BK ? k_end - k_next : BK;
+        for (int64_t j = nk * part / parts; j < nk * (part + 1) / parts; j++) {
+            const char *krow = (const char *)kv_row(p, p->k, p->k_stride, b, hkv, k_next + j);
+            const char *vrow = (const char *)kv_row(p, p->v, p->v_stride, b, hkv, k_next + j);
+            for (int line = 0; line < lines; line++) {
+                __builtin_prefetch(krow + 64 * line, 0, 2);
+                __builtin_prefetch(vrow + 64 * line, 0, 2);
+            }
+        }
+        return;
+    }
+    int64_t rows = GQA * st->ahead_nq;
+    for (int64_t r = rows * part / parts; r < rows * (part + 1) / parts; r++) {
+        const char *qrow = (const char *)((const elem_t *)p->q + st->ahead_b * p->q_stride[0]
+                                          + row_head(st->ahead_hkv, r) * p->q_stride[1]
+                                          + row_query(st->ahead_q0, r) * p->q_stride[2]);
+        for (int line = 0; line < lines; line++) __builtin_prefetch(qrow + 64 * line, 0, 2);
+    }
 }
 
 /* ---- Micro-kernels. ---- */
@@ -750,11 +785,13 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
         if (r_end > st->rows_pad) r_end = st->rows_pad;
     }
     int64_t live_end = r_end < st->rows ? r_end : st->rows;
-    (void)k_end;   /* the prefetch bound: only the in-place path reads it */
     pack_kv_tile(p, st, b, hkv, k0, nk);
-    for (int64_t r = r_begin; r < r_end; r += ROWS)
+    for (int64_t r = r_begin; r < r_end; r += ROWS) {
+        prefetch_ahead(p, st, b, hkv, k0 + BK, k_end, (int)((r - r_begin) / ROWS),
+                       (int)((r_end - r_begin) / ROWS));
         QK_BLOCK_UPTO(qk_block_cols, key_vectors(p, st, r, k0, nk, need_mask),
                       st->q + r * DP, st->kt, st->s + r * BK);
+    }
     vf cap = vbroadcast(p->softcap), inv_cap = vbroadcast(HAS_SOFTCAP ? 1.0f / p->softcap : 0.0f);
     for (int64_t r = r_begin; r < live_end; r++) {
         float *s = st->s + r * BK;
@@ -868,6 +905,16 @@ static int64_t choose_block_q(const attngen_params *p, int threads)
     return bq;
 }
 
+/* Work item -> sequence b, kv head hkv, query block qb. Later query blocks see more keys
+ * under a causal mask, so every head's last blocks come first and the smallest last. */
+static void item_block(const attngen_params *p, int64_t q_blocks, int64_t item, int64_t *b,
+                       int64_t *hkv, int64_t *qb)
+{
+    *qb = q_blocks - 1 - item % q_blocks;
+    *hkv = (item / q_blocks) % p->heads_kv;
+    *b = item / (q_blocks * p->heads_kv);
+}
+
 static int run(const attngen_params *p)
 {
     int threads = p->num_threads > 0 ? p->num_threads : omp_get_max_threads();
@@ -876,6 +923,7 @@ static int run(const attngen_params *p)
     int64_t items = p->batch * p->heads_kv * q_blocks;
     if (threads > items) threads = (int)items;
     int status = ATTNGEN_OK;
+    int64_t unclaimed = 0;   /* the next work item no thread has taken */
 
     #pragma omp parallel num_threads(threads)
     {
@@ -885,13 +933,17 @@ static int run(const attngen_params *p)
             #pragma omp atomic write
             status = ATTNGEN_ENOMEM;
         }
-        /* Later query blocks see more keys under a causal mask: hand them out first. */
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < items; item++) {
+        /* Dynamic schedule, one item at a time, but each thread claims its next item before
+         * it starts the current one, so that it can prefetch that item's queries. */
+        int64_t item, next;
+        #pragma omp atomic capture
+        item = unclaimed++;
+        for (; item < items; item = next) {
+            #pragma omp atomic capture
+            next = unclaimed++;
             if (!ok) continue;
-            int64_t qb = q_blocks - 1 - item % q_blocks;
-            int64_t hkv = (item / q_blocks) % p->heads_kv;
-            int64_t b = item / (q_blocks * p->heads_kv);
+            int64_t b, hkv, qb;
+            item_block(p, q_blocks, item, &b, &hkv, &qb);
             int64_t q0 = qb * bq;
             int64_t nq = p->seq_q - q0 < bq ? p->seq_q - q0 : bq;
             int64_t kv_len = sequence_kv_len(p, b);
@@ -899,6 +951,13 @@ static int run(const attngen_params *p)
             int64_t q_first = qpos_base + q0, q_last = q_first + nq - 1;
             int64_t k_lo, k_hi;
 
+            st.ahead_nq = 0;
+            if (next < items) {
+                int64_t next_qb;
+                item_block(p, q_blocks, next, &st.ahead_b, &st.ahead_hkv, &next_qb);
+                st.ahead_q0 = next_qb * bq;
+                st.ahead_nq = p->seq_q - st.ahead_q0 < bq ? p->seq_q - st.ahead_q0 : bq;
+            }
             load_query_rows(p, &st, b, hkv, q0, nq, qpos_base);
             key_range(p, q_first, q_last, kv_len, &k_lo, &k_hi);
             attend_key_range(p, &st, b, hkv, q_first, q_last, k_lo, k_hi);
