@@ -57,6 +57,10 @@ BURST = 5                       # decode: timed back-to-back calls per turn
 # medians from the same rounds, which the separate bf16 run's rounds cannot (the machine
 # drifts 15-30% between them).
 BF16_BESIDE = "attngen bf16"
+# The fp32 matmul ceiling, timed in every fp32 prefill run's rounds as well as at the start
+# and end of the run: attngen's fraction of it then compares medians from the same rounds.
+CEILING = "matmul ceiling"
+CEILING_N = 2048
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}   # max abs error vs the float64 reference
 
 _P = dict(phase="prefill", batch=1, heads_q=32, heads_kv=8, head_dim=128)
@@ -112,6 +116,19 @@ class Session:
         self.disabled: dict[str, str] = {}     # peer -> why it is off for every case
         self.kernels: dict = {}                # (case, dtype) -> attngen kernel build info
         self._reader = None
+        self._ceiling = None
+
+    def matmul_ceiling(self) -> harness.MatmulCeiling:
+        if self._ceiling is None:
+            self._ceiling = harness.MatmulCeiling(CEILING_N)
+        return self._ceiling
+
+    def ceiling_label(self) -> str:
+        return self._ceiling.label if self._ceiling is not None else "not timed"
+
+    def close(self):
+        if self._ceiling is not None:
+            self._ceiling.close()
 
     def memory_reader(self, inputs):
         """Reads this case's own K and V in the storage dtype of the timed contenders'
@@ -187,6 +204,8 @@ def run_dtype(session: Session, case: AttnCase, inputs, dtype: str, ref, checked
     calls = {name: p.call for name, p in prepared.items()}
     nbytes = {name: case.kv_bytes("bf16" if name == BF16_BESIDE else dtype) for name in calls}
     if case.phase == "prefill":
+        if dtype == "fp32":
+            calls[CEILING] = session.matmul_ceiling()
         timings = harness.time_round_robin(calls, args.repeats, warmup=0, gap=args.gap,
                                            max_other=args.max_other, stats=stats,
                                            settle=True)
@@ -277,9 +296,18 @@ def speedup(r) -> float:
 def rate(r, name: str, which: str = "median") -> float:
     """GFLOP/s (prefill) or GB/s of K and V read (decode) of one contender."""
     t = getattr(r["timings"][name], which)
+    if name == CEILING:
+        return harness.gflops(2.0 * CEILING_N ** 3, t)
     if r["case"].phase == "prefill":
         return harness.gflops(r["case"].flops(), t)
     return r["bytes"][name] / t / 1e9
+
+
+def ceiling_fraction(r) -> float:
+    """attngen's GFLOP/s over the matmul ceiling's, both medians of the same rounds."""
+    if CEILING not in r["timings"]:
+        return math.nan
+    return rate(r, "attngen") / rate(r, CEILING)
 
 
 def read_bandwidth(r) -> float:
@@ -324,6 +352,8 @@ def main_table(results: list[dict], phase: str, names: list[str]):
     headers = ["case", "shape", "dtype"] + [f"{pc.LABELS[n]} ms ({unit})" for n in names]
     if phase == "decode":
         headers += ["memory read GB/s", "attngen of read BW"]
+    else:
+        headers += ["matmul ceiling GFLOP/s", "attngen of ceiling"]
     headers += ["best peer", "attngen speed-up"] + (["flex compile s"] if "flex" in names else [])
     rows = []
     for r in results:
@@ -335,6 +365,10 @@ def main_table(results: list[dict], phase: str, names: list[str]):
         if phase == "decode":
             bw = read_bandwidth(r)
             row += [f"{bw:.1f}", f"{rate(r, 'attngen') / bw:.0%}"]
+        elif CEILING in r["timings"]:
+            row += [f"{rate(r, CEILING):.1f}", f"{ceiling_fraction(r):.0%}"]
+        else:
+            row += ["-", "-"]
         row += [pc.LABELS[best] if best else "-", f"**{speedup(r):.2f}x**" if best else "-"]
         if "flex" in names:
             row.append(f"{flex_compile(r):.1f}" if not math.isnan(flex_compile(r)) else "n/a")
@@ -496,7 +530,10 @@ def render(results, session: Session, machine, measured: tuple, versions: dict,
              f"Decode: then {BURST} back-to-back timed calls; "
              "cell = median ms per call (GB/s of K+V read in the contender's storage dtype); "
              "the memory read kernel (`membw.c`, all threads, over the case's own fp32 K and V) "
-             "is timed in the same rounds. **attngen speed-up = best peer's median / attngen's median** (> 1: "
+             "is timed in the same rounds. fp32 prefill rounds also time the fp32 matmul "
+             f"ceiling ({CEILING_N}³ GEMM, {session.ceiling_label()}) as one more contender: "
+             "'attngen of ceiling' divides attngen's GFLOP/s by its, both medians of the same "
+             "rounds. **attngen speed-up = best peer's median / attngen's median** (> 1: "
              "attngen is faster). bf16 runs use the same values as fp32 (inputs are "
              "bf16-representable). flex compile = the first call's wall time "
              f"(torch.compile, {session.flex_cache_note}; the run's first compile also pays "
@@ -515,10 +552,18 @@ def render(results, session: Session, machine, measured: tuple, versions: dict,
                   "speed drifts between them; its ratio is shown for comparison.", "",
                   harness.markdown_table(headers, rows, align), ""]
     prefill = [r for r in results if r["case"].phase == "prefill" and r["dtype"] == "fp32"]
+    same_rounds = [ceiling_fraction(r) for r in prefill if CEILING in r["timings"]]
+    if same_rounds:
+        causal = [f"{r['case'].name} {ceiling_fraction(r):.1%}" for r in prefill
+                  if r["case"].name.startswith("causal-") and CEILING in r["timings"]]
+        lines += [f"attngen's fp32 prefill runs reach {min(same_rounds):.0%}-"
+                  f"{max(same_rounds):.0%} of the matmul ceiling timed in their own rounds"
+                  + (f" ({', '.join(causal)})" if causal else "") + ".", ""]
     if prefill and not math.isnan(best_ceiling):
         fractions = [rate(r, "attngen") / best_ceiling for r in prefill]
-        lines += [f"attngen's fp32 prefill runs reach {min(fractions):.0%}-{max(fractions):.0%} "
-                  f"of the best fp32 matmul ceiling ({best_ceiling:.0f} GFLOP/s).", ""]
+        lines += [f"Against the best ceiling measured at the start or end of the run "
+                  f"({best_ceiling:.0f} GFLOP/s) they reach {min(fractions):.0%}-"
+                  f"{max(fractions):.0%}.", ""]
     redone_runs = [f"{r['case'].name} {r['dtype']}" for r in results if r.get("redone")]
     if redone_runs:
         lines += ["Timed a second time because other processes were busy during the first "
@@ -760,6 +805,7 @@ def main(argv=None) -> int:
         ceilings_end = measure_ceilings(torch, args)
         print("fp32 matmul ceiling (end): " + ceiling_text(ceilings_end), flush=True)
     finally:
+        session.close()
         if temp_cache:
             shutil.rmtree(temp_cache, ignore_errors=True)
 
