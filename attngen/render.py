@@ -33,9 +33,11 @@ class TileConfig:
     kcols: int          # key vectors per Q.K^T block (keys per tile = kcols * vector width)
     pv_chunk: int       # output vectors per P.V block
     prefill_rows: int   # query rows (all heads of a GQA group) per prefill work item
+    decode_prefetch: bool = True   # decode prefetches the K/V rows it reads in place
 
     def label(self) -> str:
-        return f"rows{self.rows}_k{self.kcols}_pv{self.pv_chunk}_item{self.prefill_rows}"
+        label = f"rows{self.rows}_k{self.kcols}_pv{self.pv_chunk}_item{self.prefill_rows}"
+        return label if self.decode_prefetch else label + "_nopf"
 
 
 # Accumulators (rows x kcols and rows x pv_chunk) plus operands fit the register file:
@@ -91,7 +93,9 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
         "qk_direct_rows": DECODE_QK_ROWS,
         "qk_kvecs": 16 if vl == 16 else 8,   # K vectors in registers: half the register file
         # Keys whose rows decode prefetches ahead: about 16 KiB of each of K and V in flight.
-        "prefetch_keys": max(16, PREFETCH_BYTES // (spec.head_dim * (4 if spec.dtype == "f32" else 2))),
+        # (0: none, left to the hardware prefetchers).
+        "prefetch_keys": max(16, PREFETCH_BYTES // (spec.head_dim * (4 if spec.dtype == "f32" else 2)))
+                         if tile.decode_prefetch else 0,
     }
 
 

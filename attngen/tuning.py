@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import filelock
@@ -112,6 +112,16 @@ def default_case_args(spec: AttentionSpec) -> dict:
     return dict(batch=1, heads_kv=heads_kv, seq_q=1024)
 
 
+def candidate_tiles(spec: AttentionSpec, isa: str) -> list[TileConfig]:
+    """The default first, then the ISA's blockings; decode also without software prefetch
+    (whether it pays depends on the CPU's own prefetchers)."""
+    default = default_tile(spec, isa)
+    tiles = [default, *CANDIDATES[isa]]
+    if spec.phase == "decode":
+        tiles.append(replace(default, decode_prefetch=not default.decode_prefetch))
+    return tiles
+
+
 def tune(spec: AttentionSpec, candidates=None, repeats: int = 5, case_args=None):
     """Time every candidate tile (checked against the reference first), store the fastest.
 
@@ -120,7 +130,7 @@ def tune(spec: AttentionSpec, candidates=None, repeats: int = 5, case_args=None)
     from .check import TOLERANCE, make_case, max_errors
 
     isa = toolchain.detect().isa
-    candidates = list(dict.fromkeys(candidates or [default_tile(spec, isa), *CANDIDATES[isa]]))
+    candidates = list(dict.fromkeys(candidates or candidate_tiles(spec, isa)))
     kernels = {tile: kernel.Kernel(spec, cache.lookup(spec, tile=tile)) for tile in candidates}
     for tile, kern in kernels.items():
         err = max(max_errors(kern, make_case(spec, seq_q=40 if spec.phase == "prefill" else 2,

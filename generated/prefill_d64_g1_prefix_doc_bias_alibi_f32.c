@@ -494,8 +494,10 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
 
 /* Point at keys [k0, k0 + nk) where they lie (padding K rows read a zero row), and at the
  * keys PREFETCH_KEYS further on (below k_end), which the loops below prefetch as they go:
- * decode does little work per byte, and this CPU's own prefetchers stop fetching ahead once
- * compute fills the core, so software keeps about 16 KiB of each stream in flight. */
+ * decode does little work per byte, and the CPU's own prefetchers stop fetching ahead once
+ * compute fills the core, so software keeps about 16 KiB of each stream in flight (half or
+ * twice that ran within 2%). PREFETCH_KEYS 0 leaves it to the hardware, which `attngen
+ * tune` also times: a Zen 4 read faster that way when these prefetches went to L1. */
 #define PREFETCH_KEYS 64
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end)
@@ -505,6 +507,7 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
         st->vrows[j] = (const kvrow_t *)kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
         /* Near the end, "ahead" is this key itself: a prefetch of a cached line is cheap
          * and keeps the loops free of branches. */
+        if (PREFETCH_KEYS == 0) continue;
         int64_t ahead = k0 + j + PREFETCH_KEYS < k_end ? k0 + j + PREFETCH_KEYS : k0 + j;
         st->kahead[j] = kv_row(p, p->k, p->k_stride, b, hkv, ahead);
         st->vahead[j] = kv_row(p, p->v, p->v_stride, b, hkv, ahead);
@@ -515,15 +518,17 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
     }
 }
 
-/* Prefetch share `part` of `parts` of a K/V row's cache lines. A row is fetched in equal
- * shares by the passes that read it, so prefetches spread over the work instead of
+/* Prefetch share `part` of `parts` of a K/V row's cache lines into L2. A row is fetched in
+ * equal shares by the passes that read it, so prefetches spread over the work instead of
  * arriving in bursts: a burst fills the core's miss buffers and stalls the loads behind it
- * (5-7% of a fp32 decode at 16k-64k keys). */
+ * (5-7% of a fp32 decode at 16k-64k keys). Into L2, not L1: a prefetch into L1 holds one of
+ * the core's few L1 miss buffers until its line arrives (fp32 decode at 65536 keys 1.22x,
+ * bf16 1.13x faster on a Xeon with 2 MiB of L2 per core). */
 INLINE void prefetch_row_part(const elem_t *row, int part, int parts)
 {
-    const int lines = (HEAD_DIM * (int)sizeof(elem_t) + 63) / 64;
+    const int lines = PREFETCH_KEYS ? (HEAD_DIM * (int)sizeof(elem_t) + 63) / 64 : 0;
     for (int line = lines * part / parts; line < lines * (part + 1) / parts; line++)
-        __builtin_prefetch((const char *)row + 64 * line, 0, 3);
+        __builtin_prefetch((const char *)row + 64 * line, 0, 2);
 }
 
 /* Prefill reads each K/V tile and query block from memory once or a few times, in bursts

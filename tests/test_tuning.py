@@ -76,3 +76,22 @@ def test_decode_default_rows_divide_the_group(gqa):
         most = 8 if ISA_PARAMS[isa].vector_width == 16 else DEFAULT_TILES[isa].rows
         assert gqa % tile.rows == 0 and tile.rows <= most
         assert tile.rows == max(r for r in range(1, most + 1) if gqa % r == 0)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+def test_decode_without_software_prefetch_matches_the_reference(fresh_cache, dtype):
+    """The no-prefetch decode blocking `attngen tune` times is a kernel of its own (its
+    source has no prefetch distance) and is as correct as the default."""
+    from dataclasses import replace
+
+    spec = attngen.AttentionSpec(128, 4, "causal", phase="decode", dtype=dtype)
+    isa = attngen.toolchain.detect().isa
+    candidates = tuning.candidate_tiles(spec, isa)
+    quiet = next(tile for tile in candidates if not tile.decode_prefetch)
+    assert quiet == replace(candidates[0], decode_prefetch=False)
+    assert quiet.label().endswith("_nopf")
+    entry = attngen.cache.lookup(spec, tile=quiet)
+    kern = attngen.kernel.Kernel(spec, entry)
+    assert "#define PREFETCH_KEYS 0\n" in kern.source
+    assert "#define PREFETCH_KEYS 0\n" not in attngen.get_kernel(spec).source
+    assert check_spec(spec, kern) <= TOLERANCE[dtype]
