@@ -117,7 +117,7 @@ def build(models, configs, suite, phases, kv_layouts, jobs, check):
 
 @main.command()
 @click.argument("target")
-@click.option("--isa", type=click.Choice(["avx512bf16", "avx512", "avx2", "generic"]), default=None,
+@click.option("--isa", type=click.Choice(list(config.ISAS)), default=None,
               help="Render for this ISA instead of the detected one.")
 def show(target, isa):
     """Print the generated C of a spec slug, or of every kernel of a model."""
@@ -197,9 +197,10 @@ def generate(out_dir, check_only):
     """Render the canonical specs into generated/ (the checked-in C)."""
     out = Path(out_dir)
     stale = []
-    for spec in manifest.CANONICAL:
-        path = out / f"{spec.slug}.c"
-        text = render(spec, manifest.GENERATED_ISA)
+    files = manifest.generated_files()
+    for name, spec, isa in files:
+        path = out / name
+        text = render(spec, isa)
         if not path.is_file() or path.read_text() != text:
             stale.append(path)
             if not check_only:
@@ -208,7 +209,7 @@ def generate(out_dir, check_only):
     if check_only and stale:
         raise click.ClickException("stale: " + ", ".join(map(str, stale))
                                    + " (run `attngen generate`)")
-    click.echo(f"{len(stale)} of {len(manifest.CANONICAL)} files "
+    click.echo(f"{len(stale)} of {len(files)} files "
                + ("stale" if check_only else "written") + f" in {out}")
 
 

@@ -2,8 +2,8 @@
 
 ATTNGEN_CACHE_DIR     where built kernels live (default: the platform's user cache dir).
 ATTNGEN_CC            C compiler to use (default: $CC, else gcc, else cc).
-ATTNGEN_ISA           force an instruction set: avx512bf16, avx512, avx2 or generic (default:
-                      detected).
+ATTNGEN_ISA           force an instruction set: amx, avx512bf16, avx512, avx2 or generic
+                      (default: detected).
 ATTNGEN_NUM_THREADS   default OpenMP thread count of a kernel call (default: all cores).
 ATTNGEN_LOCK_TIMEOUT  seconds to wait for another process building the same kernel (600).
 ATTNGEN_EXTRA_CFLAGS  extra compiler flags, appended (and hashed into the cache key).
@@ -16,7 +16,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-ISAS = ("avx512bf16", "avx512", "avx2", "generic")
+ISAS = ("amx", "avx512bf16", "avx512", "avx2", "generic")
 
 
 # os.environ.get encodes the name and decodes the value in Python code on every read; its

@@ -84,7 +84,7 @@ def _is_torch(x) -> bool:
 _CTYPES = {name: ffi.typeof(name) for name in
            ("const void *", "void *", "float *", "const float *", "const int32_t *")}
 INT32 = np.dtype(np.int32)
-ATTNGEN_ENOMEM, ATTNGEN_EINVAL = 1, 2     # attngen_run's failures (common.c.j2)
+ATTNGEN_ENOMEM, ATTNGEN_EINVAL, ATTNGEN_ENOAMX = 1, 2, 3   # attngen_run's failures (common.c.j2)
 
 
 def _ptr(ctype: str, array: np.ndarray | None):
@@ -483,6 +483,9 @@ class Kernel:
         """Raise for attngen_run's non-zero `status`."""
         if status == ATTNGEN_ENOMEM:
             raise MemoryError(f"kernel {self.spec.slug} could not allocate its scratch memory")
+        if status == ATTNGEN_ENOAMX:
+            raise AttngenError(f"kernel {self.spec.slug} multiplies on AMX tiles, but Linux did "
+                               "not grant this process AMX tile data; set ATTNGEN_ISA=avx512bf16")
         # The checks before the call rule out anything else.
         raise AttngenError(f"kernel {self.spec.slug} refused its arguments (status {status})")
 

@@ -18,6 +18,14 @@ CANONICAL = (
     AttentionSpec(head_dim=128, gqa=4, mask="causal", phase="decode", dtype="f16"),
 )
 GENERATED_ISA = "avx512bf16"   # generated/ is rendered for one fixed ISA, machine-independent
+# ... and these also for AMX (bf16 prefill multiplies on tiles there), as <slug>.amx.c.
+GENERATED_AMX = (AttentionSpec(head_dim=128, gqa=4, mask="causal", dtype="bf16"),)
+
+
+def generated_files() -> list[tuple[str, AttentionSpec, str]]:
+    """(file name, spec, ISA) of every file in generated/."""
+    return ([(f"{spec.slug}.c", spec, GENERATED_ISA) for spec in CANONICAL]
+            + [(f"{spec.slug}.amx.c", spec, "amx") for spec in GENERATED_AMX])
 
 
 def head_dim_specs(dtype: str = "f32") -> list[AttentionSpec]:

@@ -15,7 +15,8 @@ from .errors import CompileError
 BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
               "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-Wno-unused-variable")
 # Portable -march levels for the fallbacks, used when the ISA is forced below native.
-PORTABLE_MARCH = {"avx512bf16": "-march=x86-64-v4 -mavx512bf16", "avx512": "-march=x86-64-v4",
+PORTABLE_MARCH = {"amx": "-march=x86-64-v4 -mavx512bf16 -mamx-tile -mamx-bf16",
+                  "avx512bf16": "-march=x86-64-v4 -mavx512bf16", "avx512": "-march=x86-64-v4",
                   "avx2": "-march=x86-64-v3", "generic": ""}
 
 
@@ -23,7 +24,7 @@ PORTABLE_MARCH = {"avx512bf16": "-march=x86-64-v4 -mavx512bf16", "avx512": "-mar
 class Toolchain:
     compiler: str            # as invoked
     compiler_id: str         # identity that goes into the cache key
-    isa: str                 # avx512bf16 / avx512 / avx2 / generic
+    isa: str                 # amx / avx512bf16 / avx512 / avx2 / generic
     features: frozenset      # e.g. {"avx512f", "avx512bf16", "fma", "f16c"}
     arch_flags: tuple        # concrete -march/-m flags
 
@@ -62,10 +63,32 @@ def _features(flags: list[str]) -> frozenset:
 
 def _isa_of(features: frozenset) -> str:
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= features:
-        return "avx512bf16" if "avx512bf16" in features else "avx512"
+        if "avx512bf16" not in features:
+            return "avx512"
+        if {"amx-tile", "amx-bf16"} <= features and amx_permitted():
+            return "amx"
+        return "avx512bf16"
     if {"avx2", "fma"} <= features:
         return "avx2"
     return "generic"
+
+
+@functools.lru_cache(maxsize=None)
+def amx_permitted() -> bool:
+    """Ask Linux to let this process use AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM for
+    XFEATURE_XTILEDATA; the kernel hands it out per process, on request). False where the
+    OS refuses or has no such request: the CPU's AMX units are then unusable."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+        return libc.syscall(sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,8 +112,10 @@ def _detect(cc: str, forced: str | None) -> Toolchain:
     return Toolchain(cc, compiler_id, isa, frozenset(features), arch_flags)
 
 
-ISA_RANK = {"generic": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+ISA_RANK = {"generic": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3, "amx": 4}
 _PORTABLE_FEATURES = {
+    "amx": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512bf16", "avx2",
+                      "fma", "f16c", "amx-tile", "amx-bf16"}),
     "avx512bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512bf16", "avx2",
                              "fma", "f16c"}),
     "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),

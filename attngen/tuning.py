@@ -18,7 +18,7 @@ from pathlib import Path
 import filelock
 
 from . import config
-from .render import TileConfig, default_tile
+from .render import TileConfig, default_tile, uses_amx
 from .spec import AttentionSpec
 
 TUNING_NAME = "tuning.json"
@@ -30,7 +30,10 @@ CANDIDATES = {
     "avx2": [TileConfig(2, 4, 4, 128), TileConfig(3, 3, 3, 128), TileConfig(4, 2, 2, 128),
              TileConfig(2, 4, 4, 256)],
 }
-CANDIDATES["avx512"] = CANDIDATES["avx512bf16"]
+CANDIDATES["avx512"] = CANDIDATES["amx"] = CANDIDATES["avx512bf16"]
+# bf16 prefill on AMX: 16-row blocks, tiles of 64 or 128 keys, items of 128-512 rows.
+AMX_CANDIDATES = [TileConfig(16, 8, 4, 512), TileConfig(16, 8, 4, 256), TileConfig(16, 4, 4, 256),
+                  TileConfig(16, 8, 4, 384), TileConfig(16, 4, 4, 128)]
 CANDIDATES["generic"] = CANDIDATES["avx2"]
 
 _loaded: dict = {}   # path -> (stamp(path), table)
@@ -116,7 +119,7 @@ def candidate_tiles(spec: AttentionSpec, isa: str) -> list[TileConfig]:
     """The default first, then the ISA's blockings; decode also without software prefetch
     (whether it pays depends on the CPU's own prefetchers)."""
     default = default_tile(spec, isa)
-    tiles = [default, *CANDIDATES[isa]]
+    tiles = [default, *(AMX_CANDIDATES if uses_amx(spec, isa, default) else CANDIDATES[isa])]
     if spec.phase == "decode":
         tiles.append(replace(default, decode_prefetch=not default.decode_prefetch))
     return tiles

@@ -54,7 +54,7 @@ typedef struct {
     int32_t num_splits;              /* decode: KV partitions per sequence, 0 = choose */
 } attngen_params;
 
-enum { ATTNGEN_OK = 0, ATTNGEN_ENOMEM = 1, ATTNGEN_EINVAL = 2 };
+enum { ATTNGEN_OK = 0, ATTNGEN_ENOMEM = 1, ATTNGEN_EINVAL = 2, ATTNGEN_ENOAMX = 3 };
 
 /* ---- SIMD helpers (GCC vector extensions: the compiler maps them to the ISA). ---- */
 typedef float vf __attribute__((vector_size(VL * 4)));

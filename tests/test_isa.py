@@ -1,13 +1,13 @@
-"""The ISAs below the detected one (AVX-512 without BF16 dot products, AVX2, generic) build
-and agree with the reference too."""
+"""The ISAs below the detected one (AVX-512 with BF16 dot products but no AMX, without BF16
+dot products, AVX2, generic) build and agree with the reference too."""
 import pytest
 
-from attngen import kernel, toolchain
+from attngen import config, kernel, toolchain
 from attngen.check import TOLERANCE, check_spec
 from attngen.spec import AttentionSpec
 
-ISAS = [isa for isa in ("avx512", "avx2", "generic")
-        if toolchain.ISA_RANK[isa] <= toolchain.ISA_RANK[toolchain.detect().isa]]
+ISAS = [isa for isa in config.ISAS
+        if toolchain.ISA_RANK[isa] < toolchain.ISA_RANK[toolchain.detect().isa]]
 SPECS = [AttentionSpec(head_dim=24, gqa=3, mask="window", documents=True, bias="tensor+alibi",
                        softcap=True, sinks=True),
          AttentionSpec(head_dim=128, gqa=4, mask="causal", kv_layout="paged"),
@@ -24,3 +24,33 @@ def test_fallback_isa(spec, isa, monkeypatch, empty_kernel_memo):
     k = kernel.get_kernel(spec)
     assert f"({isa}, " in k.source.splitlines()[0]
     assert check_spec(spec, k) <= TOLERANCE[spec.dtype]
+
+
+AMX_SPECS = [AttentionSpec(head_dim=d, gqa=g, mask=mask, dtype="bf16", **extra)
+             for d, g, mask, extra in ((128, 4, "causal", {}), (64, 1, "none", {}),
+                                       (256, 2, "window", {"softcap": True}),
+                                       (32, 3, "prefix", {"documents": True, "bias": "tensor+alibi"}),
+                                       (96, 2, "causal", {"kv_layout": "paged", "sinks": True}))]
+
+
+@pytest.mark.skipif(toolchain.detect().isa != "amx", reason="this CPU (or OS) has no AMX-BF16")
+@pytest.mark.parametrize("spec", AMX_SPECS, ids=lambda s: s.slug)
+def test_amx_bf16_prefill(spec, empty_kernel_memo):
+    """bf16 prefill multiplies on AMX tiles where the CPU has them: ragged row blocks (300
+    queries: the last 16-row block part padding), masked tiles and whole tiles alike."""
+    k = kernel.get_kernel(spec)
+    assert "_tile_dpbf16ps" in k.source
+    assert check_spec(spec, k) <= TOLERANCE["bf16"]
+    assert check_spec(spec, k, seq_q=300) <= TOLERANCE["bf16"]
+
+
+def test_amx_only_where_tiles_fit():
+    """Head sizes that are not whole 32-dimension tile columns, decode and fp32 keep the
+    vector paths on an AMX ISA."""
+    from attngen.render import render
+
+    assert "_tile_dpbf16ps" in render(AttentionSpec(128, 4, "causal", dtype="bf16"), "amx")
+    for spec in (AttentionSpec(40, 2, "causal", dtype="bf16"),
+                 AttentionSpec(128, 4, "causal", dtype="bf16", phase="decode"),
+                 AttentionSpec(128, 4, "causal"), AttentionSpec(128, 4, "causal", dtype="f16")):
+        assert "_tile_dpbf16ps" not in render(spec, "amx"), spec.slug
