@@ -82,10 +82,12 @@ def environment() -> jinja2.Environment:
 
 
 def uses_amx(spec: AttentionSpec, isa: str, tile: TileConfig) -> bool:
-    """Whether the kernel multiplies on AMX tiles: bf16 prefill on an AMX ISA, with whole
-    32-dimension tile columns, 16-row blocks and tiles of at most 128 keys (4 A tiles of P)."""
-    return (ISA_PARAMS[isa].amx and spec.dtype == "bf16" and spec.phase == "prefill"
-            and spec.head_dim % 32 == 0 and tile.rows % 16 == 0 and tile.kcols <= 8)
+    """Whether the kernel multiplies on AMX tiles: bf16 on an AMX ISA with whole 32-dimension
+    tile columns; prefill also needs 16-row blocks and tiles of at most 128 keys (4 A tiles
+    of P), decode scores K rows in place (its P.V stays on vectors)."""
+    if not (ISA_PARAMS[isa].amx and spec.dtype == "bf16" and spec.head_dim % 32 == 0):
+        return False
+    return spec.phase == "decode" or (tile.rows % 16 == 0 and tile.kcols <= 8)
 
 
 def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
@@ -123,7 +125,7 @@ def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
     D=128 V row is loaded once): 5-8% faster at 65536 keys (`attngen tune`, decode d128 g4,
     f32 and bf16)."""
     tile = DEFAULT_TILES[isa]
-    if uses_amx(spec, isa, AMX_TILE):
+    if spec.phase == "prefill" and uses_amx(spec, isa, AMX_TILE):
         return AMX_TILE
     if spec.phase == "decode":
         wide_isa = ISA_PARAMS[isa].vector_width == 16

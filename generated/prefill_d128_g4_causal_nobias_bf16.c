@@ -30,6 +30,7 @@
 /* bf16 prefill on AVX512-BF16: both matmuls on bf16 pairs with vdpbf16ps (two multiply-adds
  * per lane), K packed as d-pairs, V and P as key-pairs; softmax and sums stay float32. */
 #define BF16_DOT 1
+#define AMX_DECODE 0   /* decode scores K in place on AMX tiles */
 
 /* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. The
  * pointers q, k, v, out, lse, kv_lens and block_table come from attngen_run's arguments. */
@@ -296,6 +297,9 @@ typedef struct {
     uint32_t *kt2;            /* BF16_DOT: [DP/2][BK] K tile, one d-pair per key */
     uint32_t *vt2;            /* BF16_DOT: [BK/2][DP] V tile, one key-pair per column */
     uint32_t *p2;             /* BF16_DOT: [rows_pad][BK/2] probabilities as bf16 pairs */
+    uint32_t *qt2;            /* AMX decode: per 16 rows, [DP/2][16] query pairs, transposed */
+    float *ct;                /* AMX decode: [16][16] scores, key-major */
+    elem_t *kcopy;            /* AMX decode: [16][DP] K rows that do not lie evenly strided */
     /* Prefill: the query rows this thread works on next (GQA heads of kv head ahead_hkv,
      * queries [ahead_q0, ahead_q0 + ahead_nq) of sequence ahead_b; ahead_nq = 0: none),
      * prefetched while the current block's last tile is scored. */
@@ -351,6 +355,10 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     size_t kt2 = reserve(&used, packed_bf16 ? sizeof(uint32_t) * (DP / 2) * BK : 0);
     size_t vt2 = reserve(&used, packed_bf16 ? sizeof(uint32_t) * (BK / 2) * DP : 0);
     size_t p2 = reserve(&used, packed_bf16 ? sizeof(uint32_t) * pad * (BK / 2) : 0);
+    size_t pad16 = (size_t)((max_rows + 15) / 16 * 16);
+    size_t qt2 = reserve(&used, AMX_DECODE ? sizeof(uint32_t) * pad16 * (DP / 2) : 0);
+    size_t ct = reserve(&used, AMX_DECODE ? sizeof(float) * 16 * 16 : 0);
+    size_t kcopy = reserve(&used, AMX_DECODE ? sizeof(elem_t) * 16 * DP : 0);
     memset(st, 0, sizeof *st);
     char *block = zalloc(used);
     if (!block) return ATTNGEN_ENOMEM;
@@ -370,6 +378,9 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     st->kt2 = packed_bf16 ? (uint32_t *)(block + kt2) : NULL;
     st->vt2 = packed_bf16 ? (uint32_t *)(block + vt2) : NULL;
     st->p2 = packed_bf16 ? (uint32_t *)(block + p2) : NULL;
+    st->qt2 = AMX_DECODE ? (uint32_t *)(block + qt2) : NULL;
+    st->ct = AMX_DECODE ? (float *)(block + ct) : NULL;
+    st->kcopy = AMX_DECODE ? (elem_t *)(block + kcopy) : NULL;
     return ATTNGEN_OK;
 }
 
@@ -409,6 +420,11 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
             for (int d = 0; d < HEAD_DIM; d++) dst[d] = elem_to_float(src[d]) * scale;
         }
     }
+    if (AMX_DECODE)   /* B tiles of Q^T pairs, 16 rows per tile column block, padding rows 0 */
+        for (int64_t r = 0; r < (st->rows + 15) / 16 * 16; r++)
+            for (int dp = 0; dp < DP / 2; dp++)
+                st->qt2[(r / 16) * (DP / 2) * 16 + dp * 16 + r % 16] =
+                    r < st->rows ? st->q2[r * (DP / 2) + dp] : 0;
 }
 
 /* In-register transpose of a VL x VL block: v[i][j] becomes v[j][i]. Each level swaps

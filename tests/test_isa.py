@@ -44,13 +44,32 @@ def test_amx_bf16_prefill(spec, empty_kernel_memo):
     assert check_spec(spec, k, seq_q=300) <= TOLERANCE["bf16"]
 
 
+AMX_DECODE_SPECS = [AttentionSpec(head_dim=d, gqa=g, mask=mask, dtype="bf16", phase="decode", **extra)
+                    for d, g, mask, extra in ((128, 4, "causal", {}), (96, 1, "causal", {"softcap": True}),
+                                              (64, 8, "window", {"kv_layout": "paged", "sinks": True}),
+                                              (128, 32, "none", {}))]
+
+
+@pytest.mark.skipif(toolchain.detect().isa != "amx", reason="this CPU (or OS) has no AMX-BF16")
+@pytest.mark.parametrize("spec", AMX_DECODE_SPECS, ids=lambda s: s.slug)
+def test_amx_bf16_decode(spec, empty_kernel_memo):
+    """bf16 decode scores K rows in place on AMX tiles: evenly strided blocks of 16 keys,
+    and copies where a block ends the cache, crosses a page boundary (pages of 16 keys,
+    misaligned by ragged lengths) or holds more than 16 query rows (GQA 32, 3 queries)."""
+    k = kernel.get_kernel(spec)
+    assert "qk_rows_amx(p, st" in k.source
+    assert check_spec(spec, k) <= TOLERANCE["bf16"]
+    assert check_spec(spec, k, seq_q=3, kv_lens=[1000, 17], capacity=1024) <= TOLERANCE["bf16"]
+
+
 def test_amx_only_where_tiles_fit():
-    """Head sizes that are not whole 32-dimension tile columns, decode and fp32 keep the
+    """Head sizes that are not whole 32-dimension tile columns, fp32 and f16 keep the
     vector paths on an AMX ISA."""
     from attngen.render import render
 
     assert "_tile_dpbf16ps" in render(AttentionSpec(128, 4, "causal", dtype="bf16"), "amx")
+    assert "qk_rows_amx(p, st" in render(AttentionSpec(64, 4, "causal", dtype="bf16", phase="decode"), "amx")
     for spec in (AttentionSpec(40, 2, "causal", dtype="bf16"),
-                 AttentionSpec(128, 4, "causal", dtype="bf16", phase="decode"),
+                 AttentionSpec(40, 2, "causal", dtype="bf16", phase="decode"),
                  AttentionSpec(128, 4, "causal"), AttentionSpec(128, 4, "causal", dtype="f16")):
         assert "_tile_dpbf16ps" not in render(spec, "amx"), spec.slug
