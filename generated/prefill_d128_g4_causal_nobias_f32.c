@@ -662,23 +662,21 @@ INLINE vf transpose_max(vf v[VL])
 
 /* o[r][cols] += sum_j p[r][j] * v_j[cols] over the tile's first nk keys (padding keys have
  * p = 0: skipping them saves a short decode most of its P.V work), for ROWS rows and NC
- * vectors from column c0. DIRECT_KV: row block `part` of `parts` also prefetches its share
+ * vectors from column c0, V rows from st. DIRECT_KV: row block `part` of `parts` also prefetches its share
  * of the V rows ahead, and on AMX of the K rows too: AMX scores a tile's keys in a short
  * burst, so K prefetched there would go out in bursts (spread here: bf16 decode d128 g4
  * 1.00-1.06x, MQA 1.07-1.11x). */
-INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
-                          const kvrow_t *const *vrows, const elem_t *const *vahead,
-                          const elem_t *const *kahead,
+INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *restrict prob,
                           int part, int parts, int64_t nk, int c0, const int nc)
 {
     vf acc[ROWS][PV_CHUNK];
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vload(o + r * DP + (c0 + c) * VL);
     for (int64_t j = 0; j < nk; j++) {
-        if (DIRECT_KV && c0 == 0) prefetch_row_part(vahead[j], part, parts);
-        if (AMX_DECODE && c0 == 0) prefetch_row_part(kahead[j], part, parts);
+        if (DIRECT_KV && c0 == 0) prefetch_row_part(st->vahead[j], part, parts);
+        if (AMX_DECODE && c0 == 0) prefetch_row_part(st->kahead[j], part, parts);
         vf vvec[PV_CHUNK];
-        for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(vrows[j] + (c0 + c) * VL);
+        for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(st->vrows[j] + (c0 + c) * VL);
         for (int r = 0; r < ROWS; r++) {
             vf pv = vbroadcast(prob[r * BK + j]);
             for (int c = 0; c < nc; c++) acc[r][c] += pv * vvec[c];
@@ -688,14 +686,13 @@ INLINE void pv_block_cols(float *restrict o, const float *restrict prob,
         for (int c = 0; c < nc; c++) vstore(o + r * DP + (c0 + c) * VL, acc[r][c]);
 }
 
-INLINE void pv_block(float *restrict o, const float *restrict prob, const kvrow_t *const *vrows,
-                     const elem_t *const *vahead, const elem_t *const *kahead, int part, int parts,
-                     int64_t nk)
+INLINE void pv_block(const tile_state *st, float *restrict o, const float *restrict prob,
+                     int part, int parts, int64_t nk)
 {
     int c0 = 0;
     for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK)
-        pv_block_cols(o, prob, vrows, vahead, kahead, part, parts, nk, c0, PV_CHUNK);
-    for (; c0 < DVEC; c0++) pv_block_cols(o, prob, vrows, vahead, kahead, part, parts, nk, c0, 1);
+        pv_block_cols(st, o, prob, part, parts, nk, c0, PV_CHUNK);
+    for (; c0 < DVEC; c0++) pv_block_cols(st, o, prob, part, parts, nk, c0, 1);
 }
 
 /* Scale row r's unnormalised output by alpha = exp(old max - new max). */
@@ -841,9 +838,8 @@ static void attend_kv_tile(const attngen_params *p, tile_state *st, int64_t b, i
     for (; r < live_end; r++) softmax_row_update(st, r);
     for (r = st->rows; r < st->rows_pad; r++) memset(st->s + r * BK, 0, sizeof(float) * BK);
     for (int64_t r = r_begin; r < r_end; r += ROWS)
-        pv_block(st->o + r * DP, st->s + r * BK, st->vrows, st->vahead, st->kahead,
-                 (int)((r - r_begin) / ROWS), (int)((r_end - r_begin) / ROWS),
-                 block_keys(p, st, r, k0, nk, need_mask));
+        pv_block(st, st->o + r * DP, st->s + r * BK, (int)((r - r_begin) / ROWS),
+                 (int)((r_end - r_begin) / ROWS), block_keys(p, st, r, k0, nk, need_mask));
 }
 
 /* Normalise and store the row of query qi (position qpos) of head h: max m, sum l,
