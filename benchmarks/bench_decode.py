@@ -57,16 +57,6 @@ GAP = 0.25   # s idle before each contender's burst
 BURST = 5    # timed back-to-back calls per contender per round (after one untimed)
 
 
-def burst(fn, calls=BURST):
-    """`calls` back-to-back calls, as a model's decode steps run. The round-robin's idle gap
-    before each burst lets thread pools that spin after a call (OpenBLAS, torch, OpenMP)
-    sleep before the next contender; an untimed call (settle) absorbs the wake-up."""
-    def run():
-        for _ in range(calls):
-            fn()
-    return run
-
-
 def cold_burst(fn, evict, calls=BURST):
     """`calls` calls, each right after evict(); only the calls are timed."""
     def run():
@@ -138,7 +128,7 @@ def run_case(case, repeats, threads, torch, evict):
         errors[name] = harness.check_against_reference(
             name, out, ref16 if dtype == "bf16" else ref, 10 * TOLERANCE[dtype])
     stats = harness.RoundRobinStats()
-    timings = harness.time_round_robin({n: burst(c[0]) for n, c in contenders.items()},
+    timings = harness.time_round_robin({n: harness.burst(c[0], BURST) for n, c in contenders.items()},
                                        repeats, gap=GAP, max_other=NOISY_LOAD, stats=stats,
                                        settle={n: c[0] for n, c in contenders.items()})
     cold = {n: c for n, c in contenders.items() if n in COLD_CONTENDERS}
@@ -181,7 +171,7 @@ def call_overhead(threads, torch) -> dict[str, float]:
     # One contender at a time, calls back to back as a model's steps are: an idle gap lets
     # this VM park the OpenMP workers' cores, and waking them costs more than a step.
     # torch goes last, so its spinning pool never competes with attngen's threads.
-    return {n: harness.time_calls(burst(fn, OVERHEAD_CALLS), 15, warmup=3).median
+    return {n: harness.time_calls(harness.burst(fn, OVERHEAD_CALLS), 15, warmup=3).median
             / OVERHEAD_CALLS for n, fn in steps.items()}
 
 

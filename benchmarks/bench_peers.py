@@ -100,13 +100,6 @@ def reference_for(case: AttnCase, inputs: pc.CaseInputs) -> tuple[np.ndarray, st
     return ref, checked
 
 
-def burst(fn):
-    def run():
-        for _ in range(BURST):
-            fn()
-    return run
-
-
 class Session:
     """What lasts across cases: threads, torch, the current case's memory reader, disabled
     peers."""
@@ -213,8 +206,8 @@ def run_dtype(session: Session, case: AttnCase, inputs, dtype: str, ref, checked
         read, read_bytes = session.memory_reader(inputs)
         calls["memory read"] = read
         nbytes["memory read"] = read_bytes
-        timings = harness.time_round_robin({n: burst(fn) for n, fn in calls.items()},
-                                           args.repeats, warmup=0, gap=args.gap,
+        bursts = {n: harness.burst(fn, BURST) for n, fn in calls.items()}
+        timings = harness.time_round_robin(bursts, args.repeats, warmup=0, gap=args.gap,
                                            max_other=args.max_other, stats=stats,
                                            settle=calls)
         timings = {n: harness.Timing([t / BURST for t in timing.seconds])

@@ -59,21 +59,14 @@ def inputs(shape, seq_q, dtype):
     return arrays
 
 
-def burst(fn, calls):
-    def run():
-        for _ in range(calls):
-            fn()
-    return run
-
-
 def time_case(name, contenders, ref, dtype, repeats, calls):
     """contenders: {label: fn}; returns {label: median seconds per call}. Checks each first."""
     for label, fn in contenders.items():
-        if ref is not None and not label.startswith("memory"):
+        if not label.startswith("memory"):
             harness.check_against_reference(f"{name} {label}", np.asarray(fn()).astype(np.float64),
                                             ref, TOLERANCE[dtype])
     stats = harness.RoundRobinStats()
-    timings = harness.time_round_robin({k: burst(f, calls) for k, f in contenders.items()},
+    timings = harness.time_round_robin({k: harness.burst(f, calls) for k, f in contenders.items()},
                                        repeats, gap=GAP, max_other=NOISY_LOAD, stats=stats,
                                        settle=contenders)
     return {k: t.median / calls for k, t in timings.items()}, stats

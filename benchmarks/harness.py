@@ -5,6 +5,7 @@ Nothing here knows about a particular attention shape. It offers:
 * machine_info()            what the numbers were measured on (CPU, cores, attngen ISA, versions)
 * load_torch(threads)       torch, set to `threads` threads, or None with a printed note
 * check_against_reference() max abs error of one contender vs the float64 oracle; fails loudly
+* burst()                   several back-to-back calls as one timed contender
 * time_round_robin()        warm-up, then interleaved timed calls of several contenders,
                             each after an idle gap and an untimed settling call; on a
                             shared machine, waiting for quiet and redoing rounds other
@@ -396,6 +397,17 @@ def time_round_robin(contenders: Mapping[str, Callable[[], object]], repeats: in
         for name, seconds in this_round.items():
             times[name].append(seconds)
     return {name: Timing(ts) for name, ts in times.items()}
+
+
+def burst(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """`calls` back-to-back calls of fn as one contender, as a model's decode steps run. The
+    round-robin's idle gap before each burst lets thread pools that spin after a call
+    (OpenBLAS, torch, OpenMP) sleep before the next contender; an untimed call (settle)
+    absorbs the wake-up."""
+    def run():
+        for _ in range(calls):
+            fn()
+    return run
 
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
