@@ -936,13 +936,15 @@ static int64_t choose_block_q(const attngen_params *p, int threads)
 }
 
 /* Work item -> sequence b, kv head hkv, query block qb. Later query blocks see more keys
- * under a causal mask, so every head's last blocks come first and the smallest last. */
+ * under a causal mask, so items go out longest first across all sequences and heads: the
+ * last items claimed are every head's shortest, and no thread is left with a long one. */
 static void item_block(const attngen_params *p, int64_t q_blocks, int64_t item, int64_t *b,
                        int64_t *hkv, int64_t *qb)
 {
-    *qb = q_blocks - 1 - item % q_blocks;
-    *hkv = (item / q_blocks) % p->heads_kv;
-    *b = item / (q_blocks * p->heads_kv);
+    int64_t groups = p->batch * p->heads_kv;
+    *qb = q_blocks - 1 - item / groups;
+    *hkv = item % p->heads_kv;
+    *b = (item % groups) / p->heads_kv;
 }
 
 static int run(const attngen_params *p)
