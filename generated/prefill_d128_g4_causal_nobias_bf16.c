@@ -31,6 +31,7 @@
  * per lane), K packed as d-pairs, V and P as key-pairs; softmax and sums stay float32. */
 #define BF16_DOT 1
 #define AMX_DECODE 0   /* decode scores K in place on AMX tiles */
+#define PAGED_KV 0
 
 /* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. The
  * pointers q, k, v, out, lse, kv_lens and block_table come from attngen_run's arguments. */
@@ -293,6 +294,7 @@ typedef struct {
     const kvrow_t *vrows[BK]; /* where each key's V row is read from (tile or in place) */
     const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on */
     const elem_t *vahead[BK];
+    int amx_prefetch_k;       /* AMX decode: P.V prefetches the K rows ahead (see locate_kv_rows) */
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
     uint32_t *kt2;            /* BF16_DOT: [DP/2][BK] K tile, one d-pair per key */
     uint32_t *vt2;            /* BF16_DOT: [BK/2][DP] V tile, one key-pair per column */
@@ -524,6 +526,11 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end)
 {
+    /* AMX decode leaves K rows that lie one after another to the hardware prefetcher, which
+     * follows its 16-row tile loads (bf16 d128 g4 decode 1.03-1.05x without software
+     * prefetch of K); rows strided by the other heads or in pages it cannot follow (0.91x
+     * and 0.93x without). */
+    st->amx_prefetch_k = AMX_DECODE && (PAGED_KV || p->k_stride[2] != HEAD_DIM);
     for (int64_t j = 0; j < nk; j++) {
         st->krows[j] = (const kvrow_t *)kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
         st->vrows[j] = (const kvrow_t *)kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
@@ -768,9 +775,9 @@ INLINE vf transpose_max(vf v[VL])
 /* o[r][cols] += sum_j p[r][j] * v_j[cols] over the tile's first nk keys (padding keys have
  * p = 0: skipping them saves a short decode most of its P.V work), for ROWS rows and NC
  * vectors from column c0, V rows from st. DIRECT_KV: row block `part` of `parts` also prefetches its share
- * of the V rows ahead, and on AMX of the K rows too: AMX scores a tile's keys in a short
- * burst, so K prefetched there would go out in bursts (spread here: bf16 decode d128 g4
- * 1.00-1.06x, MQA 1.07-1.11x). */
+ * of the V rows ahead, and on AMX of the K rows too where they need it: AMX scores a tile's
+ * keys in a short burst, so K prefetched there would go out in bursts (spread here: bf16
+ * decode d128 g4 1.00-1.06x, MQA 1.07-1.11x). */
 INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *restrict prob,
                           int part, int parts, int64_t nk, int c0, const int nc)
 {
@@ -779,7 +786,7 @@ INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *
         for (int c = 0; c < nc; c++) acc[r][c] = vload(o + r * DP + (c0 + c) * VL);
     for (int64_t j = 0; j < nk; j++) {
         if (DIRECT_KV && c0 == 0) prefetch_row_part(st->vahead[j], part, parts);
-        if (AMX_DECODE && c0 == 0) prefetch_row_part(st->kahead[j], part, parts);
+        if (AMX_DECODE && st->amx_prefetch_k && c0 == 0) prefetch_row_part(st->kahead[j], part, parts);
         vf vvec[PV_CHUNK];
         for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(st->vrows[j] + (c0 + c) * VL);
         for (int r = 0; r < ROWS; r++) {
