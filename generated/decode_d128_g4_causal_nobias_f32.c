@@ -32,6 +32,8 @@
 #define BF16_DOT 0
 #define AMX_DECODE 0   /* decode scores K in place on AMX tiles */
 #define PAGED_KV 0
+/* Keys ahead that decode prefetches (see locate_kv_rows). */
+#define PREFETCH_KEYS 32
 
 /* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. The
  * pointers q, k, v, out, lse, kv_lens and block_table come from attngen_run's arguments. */
@@ -272,6 +274,8 @@ typedef struct {
     const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on */
     const elem_t *vahead[BK];
     int amx_prefetch_k;       /* AMX decode: P.V prefetches the K rows ahead (see locate_kv_rows) */
+    int64_t ahead_keys;       /* how far ahead kahead and vahead point: PREFETCH_KEYS, or less
+                                 where several heads are read side by side (decode) */
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
     uint32_t *kt2;            /* BF16_DOT: [DP/2][BK] K tile, one d-pair per key */
     uint32_t *vt2;            /* BF16_DOT: [BK/2][DP] V tile, one key-pair per column */
@@ -342,6 +346,7 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     char *block = zalloc(used);
     if (!block) return ATTNGEN_ENOMEM;
     st->block = block;
+    st->ahead_keys = PREFETCH_KEYS;
     st->q = (float *)(block + q);
     st->o = (float *)(block + o);
     st->s = (float *)(block + s);
@@ -494,12 +499,11 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
 }
 
 /* Point at keys [k0, k0 + nk) where they lie (padding K rows read a zero row), and at the
- * keys PREFETCH_KEYS further on (below k_end), which the loops below prefetch as they go:
+ * keys st->ahead_keys further on (below k_end), which the loops below prefetch as they go:
  * decode does little work per byte, and the CPU's own prefetchers stop fetching ahead once
  * compute fills the core, so software keeps about 16 KiB of each stream in flight (half or
  * twice that ran within 2%). PREFETCH_KEYS 0 leaves it to the hardware, which `attngen
  * tune` also times: a Zen 4 read faster that way when these prefetches went to L1. */
-#define PREFETCH_KEYS 32
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end)
 {
@@ -514,7 +518,7 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
         /* Near the end, "ahead" is this key itself: a prefetch of a cached line is cheap
          * and keeps the loops free of branches. */
         if (PREFETCH_KEYS == 0) continue;
-        int64_t ahead = k0 + j + PREFETCH_KEYS < k_end ? k0 + j + PREFETCH_KEYS : k0 + j;
+        int64_t ahead = k0 + j + st->ahead_keys < k_end ? k0 + j + st->ahead_keys : k0 + j;
         st->kahead[j] = kv_row(p, p->k, p->k_stride, b, hkv, ahead);
         st->vahead[j] = kv_row(p, p->v, p->v_stride, b, hkv, ahead);
     }
@@ -926,10 +930,13 @@ static void doc_range(const attngen_params *p, int64_t b, int64_t first, int64_t
     *lo = *hi = 0;
 }
 
-/* Walk keys [k_lo, k_hi) tile by tile for the query positions [q_first, q_last] held in st,
- * skipping tiles the mask hides. */
+/* Walk keys [k_lo, k_hi) tile by tile for the query positions [q_first, q_last], skipping
+ * tiles the mask hides, for kv heads [hkv, hkv + heads) with st[i] holding head hkv + i's
+ * rows. Several heads go tile by tile side by side, so that where the heads' rows of a key
+ * lie together (a [B, S, H, D] cache) they are read together. */
 static void attend_key_range(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
-                             int64_t q_first, int64_t q_last, int64_t k_lo, int64_t k_hi)
+                             int64_t heads, int64_t q_first, int64_t q_last, int64_t k_lo,
+                             int64_t k_hi)
 {
     int32_t dq_lo, dq_hi;
     doc_range(p, b, q_first, q_last, &dq_lo, &dq_hi);
@@ -938,7 +945,8 @@ static void attend_key_range(const attngen_params *p, tile_state *st, int64_t b,
         int32_t dk_lo, dk_hi;
         doc_range(p, b, k0, k0 + nk - 1, &dk_lo, &dk_hi);
         int vis = tile_visibility(p, q_first, q_last, k0, k0 + nk - 1, dq_lo, dq_hi, dk_lo, dk_hi);
-        if (vis != TILE_HIDDEN) attend_kv_tile(p, st, b, hkv, k0, nk, k_hi, vis);
+        if (vis == TILE_HIDDEN) continue;
+        for (int64_t i = 0; i < heads; i++) attend_kv_tile(p, st + i, b, hkv + i, k0, nk, k_hi, vis);
     }
 }
 
@@ -982,11 +990,11 @@ EXPORT const char *attngen_slug(void) { return "decode_d128_g4_causal_nobias_f32
  * parallelism gains. */
 #define MIN_KEYS_PER_SPLIT 256
 
-/* Partitions per (batch, kv head): none when batch x kv heads already gives every thread
- * several items; otherwise enough for about 4 items per thread, if the keys allow. */
-static int64_t choose_splits(const attngen_params *p, int threads, int64_t longest)
+/* Partitions per item group (a sequence's kv head, or the whole sequence when its heads go
+ * together): none when the groups already give every thread several items; otherwise
+ * enough for about 4 items per thread, if the keys allow. */
+static int64_t choose_splits(int64_t groups, int threads, int64_t longest)
 {
-    int64_t groups = p->batch * p->heads_kv;
     int64_t want = (4 * (int64_t)threads + groups - 1) / groups;
     int64_t most = longest / MIN_KEYS_PER_SPLIT;
     if (want > most) want = most;
@@ -1002,22 +1010,35 @@ static int run(const attngen_params *p)
         int64_t len = sequence_kv_len(p, b);
         longest = len > longest ? len : longest;
     }
-    int64_t splits = p->num_splits > 0 ? p->num_splits : choose_splits(p, threads, longest);
-    int64_t groups = p->batch * p->heads_kv;
-    int64_t items = groups * splits;
+    /* Where each key's rows of all kv heads lie side by side (a [B, S, H, D] cache), an item
+     * takes every head of its key range, tile by tile, so it reads them together: one head
+     * at a time read 256 bytes of every 2 KiB, half as fast (bf16 d128 g4 65536 keys). */
+    int64_t together = p->heads_kv > 1 && p->k_stride[1] < p->k_stride[2]
+                       && p->v_stride[1] < p->v_stride[2] ? p->heads_kv : 1;
+    int64_t groups = p->batch * p->heads_kv;   /* merged separately: a sequence's kv head */
+    int64_t item_groups = groups / together;
+    int64_t splits = p->num_splits > 0 ? p->num_splits : choose_splits(item_groups, threads, longest);
+    int64_t items = item_groups * splits;
 
     /* Partial results of every item, in one block: running max, running sum, unnormalised
      * output. */
-    float *part_m = zalloc(sizeof(float) * items * rows * (2 + DP));
+    int64_t slots = groups * splits * rows;
+    float *part_m = zalloc(sizeof(float) * slots * (2 + DP));
     if (!part_m) return ATTNGEN_ENOMEM;
-    float *part_l = part_m + items * rows, *part_o = part_l + items * rows;
+    float *part_l = part_m + slots, *part_o = part_l + slots;
     int status = ATTNGEN_OK;
     int team = threads < items ? threads : (int)items;
 
     #pragma omp parallel num_threads(team)
     {
-        tile_state st;
-        int ok = tile_state_alloc(&st, rows) == ATTNGEN_OK;
+        tile_state *sts = calloc((size_t)together, sizeof(tile_state));
+        int64_t allocated = 0;
+        while (sts && allocated < together && tile_state_alloc(&sts[allocated], rows) == ATTNGEN_OK)
+            allocated++;
+        int ok = allocated == together;
+        /* The same bytes in flight when the heads' rows are read side by side. */
+        for (int64_t i = 0; i < allocated; i++)
+            sts[i].ahead_keys = (PREFETCH_KEYS + together - 1) / together;
         if (!ok) {
             #pragma omp atomic write
             status = ATTNGEN_ENOMEM;
@@ -1025,7 +1046,7 @@ static int run(const attngen_params *p)
         #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
             if (!ok) continue;
-            int64_t split = item % splits, group = item / splits;
+            int64_t split = item % splits, group = item / splits * together;
             int64_t b = group / p->heads_kv, hkv = group % p->heads_kv;
             int64_t kv_len = sequence_kv_len(p, b);
             int64_t qpos_base = kv_len - p->seq_q;
@@ -1038,11 +1059,15 @@ static int run(const attngen_params *p)
             int64_t part_lo = k_lo + t0 * BK;
             int64_t part_hi = k_lo + t1 * BK < k_hi ? k_lo + t1 * BK : k_hi;
 
-            load_query_rows(p, &st, b, hkv, 0, p->seq_q, qpos_base);
-            attend_key_range(p, &st, b, hkv, q_first, q_last, part_lo, part_hi);
-            memcpy(part_m + item * rows, st.m, sizeof(float) * rows);
-            memcpy(part_l + item * rows, st.l, sizeof(float) * rows);
-            memcpy(part_o + item * rows * DP, st.o, sizeof(float) * rows * DP);
+            for (int64_t i = 0; i < together; i++)
+                load_query_rows(p, &sts[i], b, hkv + i, 0, p->seq_q, qpos_base);
+            attend_key_range(p, sts, b, hkv, together, q_first, q_last, part_lo, part_hi);
+            for (int64_t i = 0; i < together; i++) {
+                int64_t slot = ((group + i) * splits + split) * rows;
+                memcpy(part_m + slot, sts[i].m, sizeof(float) * rows);
+                memcpy(part_l + slot, sts[i].l, sizeof(float) * rows);
+                memcpy(part_o + slot * DP, sts[i].o, sizeof(float) * rows * DP);
+            }
         }
 
         /* Merge: rescale every partition to the overall max, add, normalise, store. */
@@ -1057,7 +1082,7 @@ static int run(const attngen_params *p)
                     float ms = part_m[(group * splits + s) * rows + r];
                     m = ms > m ? ms : m;
                 }
-                float *o = st.o;   /* reuse this thread's scratch row */
+                float *o = sts[0].o;   /* reuse this thread's scratch row */
                 memset(o, 0, sizeof(float) * DP);
                 if (m != -INFINITY) {
                     for (int64_t s = 0; s < splits; s++) {
@@ -1073,7 +1098,8 @@ static int run(const attngen_params *p)
                 store_row(p, b, h, qi, kv_len - p->seq_q + qi, kv_len, m, l, o);
             }
         }
-        if (ok) tile_state_free(&st);
+        for (int64_t i = 0; i < allocated; i++) tile_state_free(&sts[i]);
+        free(sts);
     }
     free(part_m);
     return status;

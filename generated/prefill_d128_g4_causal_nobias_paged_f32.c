@@ -32,6 +32,8 @@
 #define BF16_DOT 0
 #define AMX_DECODE 0   /* decode scores K in place on AMX tiles */
 #define PAGED_KV 1
+/* Keys ahead that decode prefetches (see locate_kv_rows). */
+#define PREFETCH_KEYS 32
 
 /* Call parameters; must match kernel.py's cdef exactly. Strides are in elements. The
  * pointers q, k, v, out, lse, kv_lens and block_table come from attngen_run's arguments. */
@@ -272,6 +274,8 @@ typedef struct {
     const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on */
     const elem_t *vahead[BK];
     int amx_prefetch_k;       /* AMX decode: P.V prefetches the K rows ahead (see locate_kv_rows) */
+    int64_t ahead_keys;       /* how far ahead kahead and vahead point: PREFETCH_KEYS, or less
+                                 where several heads are read side by side (decode) */
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
     uint32_t *kt2;            /* BF16_DOT: [DP/2][BK] K tile, one d-pair per key */
     uint32_t *vt2;            /* BF16_DOT: [BK/2][DP] V tile, one key-pair per column */
@@ -342,6 +346,7 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     char *block = zalloc(used);
     if (!block) return ATTNGEN_ENOMEM;
     st->block = block;
+    st->ahead_keys = PREFETCH_KEYS;
     st->q = (float *)(block + q);
     st->o = (float *)(block + o);
     st->s = (float *)(block + s);
@@ -494,12 +499,11 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
 }
 
 /* Point at keys [k0, k0 + nk) where they lie (padding K rows read a zero row), and at the
- * keys PREFETCH_KEYS further on (below k_end), which the loops below prefetch as they go:
+ * keys st->ahead_keys further on (below k_end), which the loops below prefetch as they go:
  * decode does little work per byte, and the CPU's own prefetchers stop fetching ahead once
  * compute fills the core, so software keeps about 16 KiB of each stream in flight (half or
  * twice that ran within 2%). PREFETCH_KEYS 0 leaves it to the hardware, which `attngen
  * tune` also times: a Zen 4 read faster that way when these prefetches went to L1. */
-#define PREFETCH_KEYS 32
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end)
 {
@@ -514,7 +518,7 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
         /* Near the end, "ahead" is this key itself: a prefetch of a cached line is cheap
          * and keeps the loops free of branches. */
         if (PREFETCH_KEYS == 0) continue;
-        int64_t ahead = k0 + j + PREFETCH_KEYS < k_end ? k0 + j + PREFETCH_KEYS : k0 + j;
+        int64_t ahead = k0 + j + st->ahead_keys < k_end ? k0 + j + st->ahead_keys : k0 + j;
         st->kahead[j] = kv_row(p, p->k, p->k_stride, b, hkv, ahead);
         st->vahead[j] = kv_row(p, p->v, p->v_stride, b, hkv, ahead);
     }
@@ -878,10 +882,13 @@ static void doc_range(const attngen_params *p, int64_t b, int64_t first, int64_t
     *lo = *hi = 0;
 }
 
-/* Walk keys [k_lo, k_hi) tile by tile for the query positions [q_first, q_last] held in st,
- * skipping tiles the mask hides. */
+/* Walk keys [k_lo, k_hi) tile by tile for the query positions [q_first, q_last], skipping
+ * tiles the mask hides, for kv heads [hkv, hkv + heads) with st[i] holding head hkv + i's
+ * rows. Several heads go tile by tile side by side, so that where the heads' rows of a key
+ * lie together (a [B, S, H, D] cache) they are read together. */
 static void attend_key_range(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
-                             int64_t q_first, int64_t q_last, int64_t k_lo, int64_t k_hi)
+                             int64_t heads, int64_t q_first, int64_t q_last, int64_t k_lo,
+                             int64_t k_hi)
 {
     int32_t dq_lo, dq_hi;
     doc_range(p, b, q_first, q_last, &dq_lo, &dq_hi);
@@ -890,7 +897,8 @@ static void attend_key_range(const attngen_params *p, tile_state *st, int64_t b,
         int32_t dk_lo, dk_hi;
         doc_range(p, b, k0, k0 + nk - 1, &dk_lo, &dk_hi);
         int vis = tile_visibility(p, q_first, q_last, k0, k0 + nk - 1, dq_lo, dq_hi, dk_lo, dk_hi);
-        if (vis != TILE_HIDDEN) attend_kv_tile(p, st, b, hkv, k0, nk, k_hi, vis);
+        if (vis == TILE_HIDDEN) continue;
+        for (int64_t i = 0; i < heads; i++) attend_kv_tile(p, st + i, b, hkv + i, k0, nk, k_hi, vis);
     }
 }
 
@@ -999,7 +1007,7 @@ static int run(const attngen_params *p)
             }
             load_query_rows(p, &st, b, hkv, q0, nq, qpos_base);
             key_range(p, q_first, q_last, kv_len, &k_lo, &k_hi);
-            attend_key_range(p, &st, b, hkv, q_first, q_last, k_lo, k_hi);
+            attend_key_range(p, &st, b, hkv, 1, q_first, q_last, k_lo, k_hi);
             for (int64_t r = 0; r < st.rows; r++)
                 store_row(p, b, st.row_head[r], st.row_qi[r], st.row_qpos[r], kv_len, st.m[r],
                           st.l[r], st.o + r * DP);

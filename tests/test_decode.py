@@ -15,6 +15,9 @@ SHAPES = [
     # speculative tokens
     ("spec4", dict(batch=2, seq_q=4, kv_lens=[4, 1000], capacity=1024)),
     ("long_single", dict(batch=1, seq_q=1, kv_lens=[5000], capacity=5000)),
+    # a [B, S, H, D] cache: one item reads every kv head of its keys, side by side
+    ("token_ragged_bshd", dict(batch=3, seq_q=1, kv_lens=[1, 300, 77], capacity=320,
+                               layout="bshd")),
 ]
 
 
@@ -42,6 +45,27 @@ def test_split_counts_agree(spec, manifest_kernels):
         assert np.abs(out - base).max() <= 2e-6, splits
         assert np.abs(lse - base_lse).max() <= 2e-6, splits
         assert np.array_equal(np.isneginf(lse), np.isneginf(base_lse))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_bshd_cache_equals_bhsd(dtype):
+    """A cache whose kv heads lie side by side per key is read all heads together. With the
+    same partitions each head's arithmetic is that of a [B, H, S, D] cache, so the outputs are
+    bit for bit equal; the default partitions differ (fewer item groups)."""
+    spec = AttentionSpec(128, 4, "causal", phase="decode", dtype=dtype)
+    kernel = attngen.get_kernel(spec)
+    case = make_case(spec, batch=2, heads_kv=4, seq_q=2, kv_lens=[700, 3], capacity=700,
+                     seed=9)
+    k_bshd = np.ascontiguousarray(case.k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    v_bshd = np.ascontiguousarray(case.v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    assert k_bshd.strides[1] < k_bshd.strides[2]
+    ref = attention_reference(case.q, case.k, case.v, **case.kwargs)
+    got = kernel(case.q, k_bshd, v_bshd, **case.kwargs)
+    assert np.abs(np.asarray(got, np.float64) - ref).max() <= TOLERANCE[dtype]
+    for splits in (1, 3, 16):
+        want = kernel(case.q, case.k, case.v, num_splits=splits, **case.kwargs)
+        got = kernel(case.q, k_bshd, v_bshd, num_splits=splits, **case.kwargs)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("page_size", [8, 16, 32, 64, 128, 256])
