@@ -273,7 +273,7 @@ typedef struct {
     const kvrow_t *vrows[BK]; /* where each key's V row is read from (tile or in place) */
     const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on */
     const elem_t *vahead[BK];
-    int amx_prefetch_k;       /* AMX decode: P.V prefetches the K rows ahead (see locate_kv_rows) */
+    int amx_prefetch_k;       /* AMX decode: P.V prefetches the K rows ahead (set by decode) */
     int64_t ahead_keys;       /* how far ahead kahead and vahead point: PREFETCH_KEYS, or less
                                  where several heads are read side by side (decode) */
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
@@ -507,11 +507,6 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end)
 {
-    /* AMX decode leaves K rows that lie one after another to the hardware prefetcher, which
-     * follows its 16-row tile loads (bf16 d128 g4 decode 1.03-1.05x without software
-     * prefetch of K); rows strided by the other heads or in pages it cannot follow (0.91x
-     * and 0.93x without). */
-    st->amx_prefetch_k = AMX_DECODE && (PAGED_KV || p->k_stride[2] != HEAD_DIM);
     for (int64_t j = 0; j < nk; j++) {
         st->krows[j] = (const kvrow_t *)kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
         st->vrows[j] = (const kvrow_t *)kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
@@ -1017,9 +1012,11 @@ static int run(const attngen_params *p)
      * at a time read 256 bytes of every 2 KiB, half as fast (bf16 d128 g4 65536 keys). */
     int64_t together = p->heads_kv > 1 && p->k_stride[1] < p->k_stride[2]
                        && p->v_stride[1] < p->v_stride[2] ? p->heads_kv : 1;
-    int64_t groups = p->batch * p->heads_kv;   /* merged separately: a sequence's kv head */
+    /* Merged separately: one sequence's kv head. */
+    int64_t groups = p->batch * p->heads_kv;
     int64_t item_groups = groups / together;
-    int64_t splits = p->num_splits > 0 ? p->num_splits : choose_splits(item_groups, threads, longest);
+    int64_t splits = p->num_splits > 0 ? p->num_splits
+                                       : choose_splits(item_groups, threads, longest);
     int64_t items = item_groups * splits;
 
     /* Partial results of every item, in one block: running max, running sum, unnormalised
@@ -1038,9 +1035,16 @@ static int run(const attngen_params *p)
         while (sts && allocated < together && tile_state_alloc(&sts[allocated], rows) == ATTNGEN_OK)
             allocated++;
         int ok = allocated == together;
+        /* AMX decode leaves K rows that lie one after another to the hardware prefetcher,
+         * which follows its 16-row tile loads (bf16 d128 g4 1.04-1.08x without software
+         * prefetch of K); rows strided by the other heads or in pages it cannot follow
+         * keep it (0.91x and 0.93x without). */
+        int prefetch_k = AMX_DECODE && (PAGED_KV || p->k_stride[2] != HEAD_DIM);
         /* The same bytes in flight when the heads' rows are read side by side. */
-        for (int64_t i = 0; i < allocated; i++)
+        for (int64_t i = 0; i < allocated; i++) {
             sts[i].ahead_keys = (PREFETCH_KEYS + together - 1) / together;
+            sts[i].amx_prefetch_k = prefetch_k;
+        }
         if (!ok) {
             #pragma omp atomic write
             status = ATTNGEN_ENOMEM;

@@ -296,7 +296,7 @@ typedef struct {
     const kvrow_t *vrows[BK]; /* where each key's V row is read from (tile or in place) */
     const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on */
     const elem_t *vahead[BK];
-    int amx_prefetch_k;       /* AMX decode: P.V prefetches the K rows ahead (see locate_kv_rows) */
+    int amx_prefetch_k;       /* AMX decode: P.V prefetches the K rows ahead (set by decode) */
     int64_t ahead_keys;       /* how far ahead kahead and vahead point: PREFETCH_KEYS, or less
                                  where several heads are read side by side (decode) */
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
@@ -530,11 +530,6 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
 static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
                            int64_t k0, int64_t nk, int64_t k_end)
 {
-    /* AMX decode leaves K rows that lie one after another to the hardware prefetcher, which
-     * follows its 16-row tile loads (bf16 d128 g4 decode 1.03-1.05x without software
-     * prefetch of K); rows strided by the other heads or in pages it cannot follow (0.91x
-     * and 0.93x without). */
-    st->amx_prefetch_k = AMX_DECODE && (PAGED_KV || p->k_stride[2] != HEAD_DIM);
     for (int64_t j = 0; j < nk; j++) {
         st->krows[j] = (const kvrow_t *)kv_row(p, p->k, p->k_stride, b, hkv, k0 + j);
         st->vrows[j] = (const kvrow_t *)kv_row(p, p->v, p->v_stride, b, hkv, k0 + j);
