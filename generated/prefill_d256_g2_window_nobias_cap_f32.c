@@ -276,7 +276,6 @@ typedef struct {
     const kvrow_t *vrows[BK]; /* where each key's V row is read from (tile or in place) */
     const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on */
     const elem_t *vahead[BK];
-    int amx_prefetch_k;       /* AMX decode: P.V prefetches the K rows ahead (set by decode) */
     int64_t ahead_keys;       /* how far ahead kahead and vahead point: PREFETCH_KEYS, or less
                                  where several heads are read side by side (decode) */
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
@@ -671,10 +670,12 @@ INLINE vf transpose_max(vf v[VL])
 
 /* o[r][cols] += sum_j p[r][j] * v_j[cols] over the tile's first nk keys (padding keys have
  * p = 0: skipping them saves a short decode most of its P.V work), for ROWS rows and NC
- * vectors from column c0, V rows from st. DIRECT_KV: row block `part` of `parts` also prefetches its share
- * of the V rows ahead, and on AMX of the K rows too where they need it: AMX scores a tile's
- * keys in a short burst, so K prefetched there would go out in bursts (spread here: bf16
- * decode d128 g4 1.00-1.06x, MQA 1.07-1.11x). */
+ * vectors from column c0, V rows from st. DIRECT_KV: row block `part` of `parts` also
+ * prefetches its share of the V rows ahead, and on AMX of the K rows too: AMX scores a
+ * tile's keys in a short burst, so K prefetched there would go out in bursts (spread here:
+ * bf16 decode d128 g4 1.00-1.06x, MQA 1.07-1.11x). Each 16-key tile load of K starts a new
+ * 4 KiB page, where the hardware prefetchers start over: without this, caches streamed in
+ * from memory ran 0.94-0.97x. */
 INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *restrict prob,
                           int part, int parts, int64_t nk, int c0, const int nc)
 {
@@ -683,7 +684,7 @@ INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *
         for (int c = 0; c < nc; c++) acc[r][c] = vload(o + r * DP + (c0 + c) * VL);
     for (int64_t j = 0; j < nk; j++) {
         if (DIRECT_KV && c0 == 0) prefetch_row_part(st->vahead[j], part, parts);
-        if (AMX_DECODE && st->amx_prefetch_k && c0 == 0) prefetch_row_part(st->kahead[j], part, parts);
+        if (AMX_DECODE && c0 == 0) prefetch_row_part(st->kahead[j], part, parts);
         vf vvec[PV_CHUNK];
         for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(st->vrows[j] + (c0 + c) * VL);
         for (int r = 0; r < ROWS; r++) {
