@@ -171,6 +171,13 @@ def _float_vector(x, name: str, length: int) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def _open_library(path) -> object:
+    """dlopen a kernel library for the life of the process. RTLD_NODELETE: cffi dlcloses its
+    libraries at interpreter exit, which unmapped libgomp under OpenMP workers still spinning
+    in it (a segfault at exit, about one run in 15 with two processes sharing 2 cores)."""
+    return ffi.dlopen(str(path), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
+
+
 class Kernel:
     """A compiled attention kernel for one AttentionSpec. Call it like attngen.attention."""
 
@@ -180,12 +187,12 @@ class Kernel:
         self._dtype = NUMPY_DTYPE[spec.dtype]
         self._checked_layouts: dict = {}    # see __call__
         try:
-            self._lib = ffi.dlopen(str(entry.library_path))
+            self._lib = _open_library(entry.library_path)
         except OSError:
             # Valid-looking but unloadable: replace it (once) and load the new one.
             entry = cache.lookup(spec, broken_library_sha256=entry.meta["library_sha256"])
             self.entry = entry
-            self._lib = ffi.dlopen(str(entry.library_path))
+            self._lib = _open_library(entry.library_path)
         loaded = ffi.string(self._lib.attngen_slug()).decode()
         if loaded != spec.slug:
             raise AttngenError(f"library {entry.library_path} is {loaded!r}, expected {spec.slug!r}")
