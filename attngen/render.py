@@ -94,6 +94,9 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
     params = ISA_PARAMS[isa]
     vl = params.vector_width
     bf16_dot = params.bf16_dot and spec.dtype == "bf16"
+    # decode reads K/V rows in place when rows are whole vectors (of bf16 pairs, with the
+    # bf16 dot product); otherwise it packs tiles like prefill.
+    direct_kv = spec.phase == "decode" and spec.head_dim % (2 * vl if bf16_dot else vl) == 0
     return {
         "spec": spec,
         "version": __version__,
@@ -102,11 +105,11 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
         "padded_head_dim": (spec.head_dim + vl - 1) // vl * vl,
         "block_q": max(1, tile.prefill_rows // spec.gqa),
         "min_keys_per_split": DECODE_MIN_KEYS_PER_SPLIT,
-        # decode reads K/V rows in place when rows are whole vectors (of bf16 pairs, with
-        # the bf16 dot product); otherwise it packs tiles like prefill.
-        "direct_kv": spec.phase == "decode" and spec.head_dim % (2 * vl if bf16_dot else vl) == 0,
+        "direct_kv": direct_kv,
         "bf16_dot": bf16_dot,
         "amx": uses_amx(spec, isa, tile),
+        # bf16 decode's P.V on vdpbf16ps over key pairs; AMX decode (untimed so) converts V.
+        "pv_pairs": bf16_dot and direct_kv and not uses_amx(spec, isa, tile),
         "fold_levels": _fold_levels(vl),
         "qk_direct_rows": DECODE_QK_ROWS,
         "qk_kvecs": 16 if vl == 16 else 8,   # K vectors in registers: half the register file

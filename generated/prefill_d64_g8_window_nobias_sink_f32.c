@@ -31,6 +31,8 @@
  * per lane), K packed as d-pairs, V and P as key-pairs; softmax and sums stay float32. */
 #define BF16_DOT 0
 #define AMX_DECODE 0   /* decode scores K in place on AMX tiles */
+/* bf16 decode's P.V on key pairs (pv_pairs_block); AMX decode, untimed that way, keeps float V. */
+#define PV_PAIRS 0
 #define PAGED_KV 0
 /* Keys ahead that decode prefetches (see locate_kv_rows). */
 #define PREFETCH_KEYS 64
@@ -281,7 +283,7 @@ typedef struct {
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
     uint32_t *kt2;            /* BF16_DOT: [DP/2][BK] K tile, one d-pair per key */
     uint32_t *vt2;            /* BF16_DOT: [BK/2][DP] V tile, one key-pair per column */
-    uint32_t *p2;             /* BF16_DOT: [rows_pad][BK/2] probabilities as bf16 pairs */
+    uint32_t *p2;             /* BF16_DOT, PV_PAIRS: [rows_pad][BK/2] probabilities as bf16 pairs */
     uint32_t *qt2;            /* AMX decode: per 16 rows, [DP/2][16] query pairs, transposed */
     float *ct;                /* AMX decode: [16][16] scores, key-major */
     elem_t *kcopy;            /* AMX decode: [16][DP] K rows that do not lie evenly strided */
@@ -339,7 +341,7 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     size_t q2 = reserve(&used, BF16_DOT ? sizeof(uint32_t) * pad * (DP / 2) : 0);
     size_t kt2 = reserve(&used, packed_bf16 ? sizeof(uint32_t) * (DP / 2) * BK : 0);
     size_t vt2 = reserve(&used, packed_bf16 ? sizeof(uint32_t) * (BK / 2) * DP : 0);
-    size_t p2 = reserve(&used, packed_bf16 ? sizeof(uint32_t) * pad * (BK / 2) : 0);
+    size_t p2 = reserve(&used, packed_bf16 || PV_PAIRS ? sizeof(uint32_t) * pad * (BK / 2) : 0);
     size_t pad16 = (size_t)((max_rows + 15) / 16 * 16);
     size_t qt2 = reserve(&used, AMX_DECODE ? sizeof(uint32_t) * pad16 * (DP / 2) : 0);
     size_t ct = reserve(&used, AMX_DECODE ? sizeof(float) * 16 * 16 : 0);
@@ -363,7 +365,7 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     st->q2 = BF16_DOT ? (uint32_t *)(block + q2) : NULL;
     st->kt2 = packed_bf16 ? (uint32_t *)(block + kt2) : NULL;
     st->vt2 = packed_bf16 ? (uint32_t *)(block + vt2) : NULL;
-    st->p2 = packed_bf16 ? (uint32_t *)(block + p2) : NULL;
+    st->p2 = packed_bf16 || PV_PAIRS ? (uint32_t *)(block + p2) : NULL;
     st->qt2 = AMX_DECODE ? (uint32_t *)(block + qt2) : NULL;
     st->ct = AMX_DECODE ? (float *)(block + ct) : NULL;
     st->kcopy = AMX_DECODE ? (elem_t *)(block + kcopy) : NULL;
@@ -519,9 +521,11 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
         st->kahead[j] = kv_row(p, p->k, p->k_stride, b, hkv, ahead);
         st->vahead[j] = kv_row(p, p->v, p->v_stride, b, hkv, ahead);
     }
-    for (int64_t j = nk; j < BK; j++) {   /* Q.K scores whole vectors of keys; P.V stops at nk */
-        st->krows[j] = (const kvrow_t *)st->zero_row;
-        st->kahead[j] = (const elem_t *)st->zero_row;
+    /* Q.K scores whole vectors of keys; P.V stops at nk, or with PV_PAIRS at the pair
+     * holding key nk - 1, so one padding key may be read (with probability 0). */
+    for (int64_t j = nk; j < BK; j++) {
+        st->krows[j] = st->vrows[j] = (const kvrow_t *)st->zero_row;
+        st->kahead[j] = st->vahead[j] = (const elem_t *)st->zero_row;
     }
 }
 
