@@ -300,8 +300,6 @@ typedef struct {
     const kvrow_t *vrows[BK]; /* where each key's V row is read from (tile or in place) */
     const elem_t *kahead[BK]; /* rows to prefetch while this tile is worked on */
     const elem_t *vahead[BK];
-    int64_t ahead_keys;       /* how far ahead kahead and vahead point: PREFETCH_KEYS, or less
-                                 where several heads are read side by side (decode) */
     uint32_t *q2;             /* BF16_DOT: [rows_pad][DP/2] query rows as bf16 pairs, unscaled */
     uint32_t *kt2;            /* BF16_DOT: [DP/2][BK] K tile, one d-pair per key */
     uint32_t *vt2;            /* BF16_DOT: [BK/2][DP] V tile, one key-pair per column */
@@ -372,7 +370,6 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     char *block = zalloc(used);
     if (!block) return ATTNGEN_ENOMEM;
     st->block = block;
-    st->ahead_keys = PREFETCH_KEYS;
     st->q = (float *)(block + q);
     st->o = (float *)(block + o);
     st->s = (float *)(block + s);
@@ -525,7 +522,7 @@ static void pack_kv_tile(const attngen_params *p, tile_state *st, int64_t b, int
 }
 
 /* Point at keys [k0, k0 + nk) where they lie (padding K rows read a zero row), and at the
- * keys st->ahead_keys further on (below k_end), which the loops below prefetch as they go:
+ * keys PREFETCH_KEYS further on (below k_end), which the loops below prefetch as they go:
  * decode does little work per byte, and the CPU's own prefetchers stop fetching ahead once
  * compute fills the core, so software keeps about 16 KiB of each stream in flight (half or
  * twice that ran within 2%). PREFETCH_KEYS 0 leaves it to the hardware, which `attngen
@@ -539,7 +536,7 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
         /* Near the end, "ahead" is this key itself: a prefetch of a cached line is cheap
          * and keeps the loops free of branches. */
         if (PREFETCH_KEYS == 0) continue;
-        int64_t ahead = k0 + j + st->ahead_keys < k_end ? k0 + j + st->ahead_keys : k0 + j;
+        int64_t ahead = k0 + j + PREFETCH_KEYS < k_end ? k0 + j + PREFETCH_KEYS : k0 + j;
         st->kahead[j] = kv_row(p, p->k, p->k_stride, b, hkv, ahead);
         st->vahead[j] = kv_row(p, p->v, p->v_stride, b, hkv, ahead);
     }
