@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 
+from . import kernel as _kernel
 from .kernel import SPEC_DTYPE, as_array, get_kernel, mask_mode
 from .spec import AttentionSpec
 
@@ -19,30 +20,42 @@ def spec_for_call(q, k, v, *, causal=False, window=None, prefix_len=None, docume
                   bias=None, alibi=None, softcap=None, sinks=None, layout="bhsd",
                   block_table=None, phase=None) -> AttentionSpec:
     """The AttentionSpec a call with these arguments needs (phase: chosen from Sq if None)."""
-    q_arr, k_arr = as_array(q, "q"), as_array(k, "k")
-    for name, array in (("q", q_arr), ("k", k_arr)):
-        if array.ndim != 4:
-            raise ValueError(f"{name} must have rank 4, got shape {array.shape}")
-    dtype = SPEC_DTYPE.get(q_arr.dtype)
-    if dtype is None:
-        raise TypeError(f"q must be one of {[str(d) for d in SPEC_DTYPE]}, got {q_arr.dtype}")
+    q_shape, dtype = _shape_and_spec_dtype(q, "q")
+    k_shape = _shape_and_spec_dtype(k, "k")[0]
+    for name, shape in (("q", q_shape), ("k", k_shape)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have rank 4, got shape {shape}")
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
-    heads_q = q_arr.shape[1] if layout == "bhsd" else q_arr.shape[2]
+    heads_q = q_shape[1] if layout == "bhsd" else q_shape[2]
     paged = block_table is not None
-    heads_kv = k_arr.shape[1] if (paged or layout == "bhsd") else k_arr.shape[2]
+    heads_kv = k_shape[1] if (paged or layout == "bhsd") else k_shape[2]
     if heads_kv == 0 or heads_q % heads_kv:
         raise ValueError(f"query heads ({heads_q}) must be a multiple of kv heads ({heads_kv})")
     mask = mask_mode(causal, window, prefix_len)
     if phase is None:
-        seq_q = q_arr.shape[2] if layout == "bhsd" else q_arr.shape[1]
+        seq_q = q_shape[2] if layout == "bhsd" else q_shape[1]
         phase = choose_phase(seq_q, document_ids is not None)
     has_alibi = alibi is not None and alibi is not False
     bias_mode = {(False, False): "none", (True, False): "tensor", (False, True): "alibi",
                  (True, True): "tensor+alibi"}[(bias is not None, has_alibi)]
-    return _spec(int(q_arr.shape[-1]), heads_q // heads_kv, mask, document_ids is not None,
+    return _spec(int(q_shape[-1]), heads_q // heads_kv, mask, document_ids is not None,
                  bias_mode, softcap is not None, sinks is not None, dtype, phase,
                  "paged" if paged else "contiguous")
+
+
+def _shape_and_spec_dtype(x, name: str) -> tuple:
+    """x's shape and spec dtype (None if it has none). A tensor of a kernel dtype is read
+    as it is: viewing it through DLPack costs 5-10 us of every call."""
+    if type(x) is _kernel._torch_tensor:
+        dtype = _kernel._torch_spec_dtypes.get(x.dtype)
+        if dtype is not None:
+            return tuple(x.shape), dtype
+    array = as_array(x, name)
+    dtype = SPEC_DTYPE.get(array.dtype)
+    if dtype is None and name == "q":
+        raise TypeError(f"q must be one of {[str(d) for d in SPEC_DTYPE]}, got {array.dtype}")
+    return array.shape, dtype
 
 
 # A call's spec, remembered: building and validating one costs 2 us of every call, and a

@@ -81,6 +81,32 @@ def _is_torch(x) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
+# torch.Tensor and the torch dtype of each spec dtype, once a call has brought torch in (the
+# reused-layout path for tensors compares types against them without importing torch).
+_torch_tensor = None
+_torch_dtypes: dict = {}
+_torch_spec_dtypes: dict = {}
+
+
+def _note_torch() -> None:
+    global _torch_tensor
+    import torch
+
+    _torch_dtypes.update(f32=torch.float32, bf16=torch.bfloat16, f16=torch.float16,
+                         int32=torch.int32)
+    _torch_spec_dtypes.update({torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"})
+    _torch_dtypes["strided"] = torch.strided
+    _torch_tensor = torch.Tensor
+
+
+def _torch_int32_ptr(x):
+    """A dense CPU int32 tensor's address (a reused call's kv_lens or block_table), else None."""
+    if type(x) is not _torch_tensor or x.dtype is not _torch_dtypes["int32"] or not x.is_cpu \
+            or x.layout is not _torch_dtypes["strided"] or not x.is_contiguous():
+        return None
+    return ffi.cast(_CTYPES["const int32_t *"], x.data_ptr())
+
+
 _CTYPES = {name: ffi.typeof(name) for name in
            ("const void *", "void *", "float *", "const float *", "const int32_t *")}
 INT32 = np.dtype(np.int32)
@@ -261,6 +287,13 @@ class Kernel:
                     if status != ATTNGEN_EINVAL:
                         self._raise_for(status)
                     # A length or page out of range: _checked_call says which.
+        elif type(q) is _torch_tensor and type(k) is _torch_tensor and type(v) is _torch_tensor:
+            key, result = self._reused_torch_call(q, k, v, out, kv_lens, block_table, document_ids,
+                                                  bias, alibi, sinks, layout, scale, causal,
+                                                  window, prefix_len, softcap, return_lse,
+                                                  num_threads, num_splits)
+            if result is not None:
+                return result
         else:
             key = None
         return self._checked_call(q, k, v, key, scale=scale, causal=causal, window=window,
@@ -270,6 +303,61 @@ class Kernel:
                                   num_threads=num_threads, kv_lens=kv_lens,
                                   block_table=block_table, num_splits=num_splits)
 
+    def _reused_torch_call(self, q, k, v, out, kv_lens, block_table, document_ids, bias, alibi,
+                           sinks, layout, scale, causal, window, prefix_len, softcap, return_lse,
+                           num_threads, num_splits):
+        """The reused-layout path of __call__ for CPU tensors (torch.Tensor itself): (key,
+        result), result None where the checked way must run, key where it may remember
+        the layout. Going through numpy views and every check cost 25-50 us a call. Strides
+        are in elements, and data_ptr() is the first element's address for any strides."""
+        tdtype, strided = _torch_dtypes[self.spec.dtype], _torch_dtypes["strided"]
+        if not (q.dtype is tdtype and k.dtype is tdtype and v.dtype is tdtype
+                and q.is_cpu and k.is_cpu and v.is_cpu
+                and q.layout is strided and k.layout is strided and v.layout is strided
+                and (out is None or (type(out) is _torch_tensor and out.dtype is tdtype
+                                     and out.is_cpu and out.layout is strided))
+                and document_ids is None and bias is None and alibi is None and sinks is None):
+            return None, None
+        lens_ptr = table_ptr = ffi.NULL
+        if kv_lens is not None:
+            lens_ptr = _torch_int32_ptr(kv_lens)
+            if lens_ptr is None:
+                return None, None
+        if block_table is not None:
+            table_ptr = _torch_int32_ptr(block_table)
+            if table_ptr is None:
+                return None, None
+        key = ("torch", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+               None if out is None else (out.shape, out.stride()),
+               None if kv_lens is None else kv_lens.shape,
+               None if block_table is None else block_table.shape, layout, scale, type(scale),
+               causal, type(causal), window, type(window), prefix_len, type(prefix_len),
+               softcap, return_lse, num_threads, type(num_threads), num_splits,
+               type(num_splits))
+        try:
+            checked = self._checked_layouts.get(key)
+        except TypeError:   # an unhashable argument: the full checks will say what is wrong
+            return None, None
+        if checked is None:
+            return key, None
+        import torch
+
+        if out is None:
+            out = torch.empty(q.shape, dtype=tdtype)
+        lse = torch.empty(checked[1], dtype=torch.float32) if return_lse else None
+        status = self._lib.attngen_run(
+            checked[0], ffi.cast(_CTYPES["const void *"], q.data_ptr()),
+            ffi.cast(_CTYPES["const void *"], k.data_ptr()),
+            ffi.cast(_CTYPES["const void *"], v.data_ptr()),
+            ffi.cast(_CTYPES["void *"], out.data_ptr()),
+            ffi.NULL if lse is None else ffi.cast(_CTYPES["float *"], lse.data_ptr()),
+            lens_ptr, table_ptr)
+        if status == 0:
+            return key, ((out, lse) if return_lse else out)
+        if status != ATTNGEN_EINVAL:
+            self._raise_for(status)
+        return key, None    # a length or page out of range: _checked_call says which
+
     def _checked_call(self, q, k, v, key, *, scale, causal, window, prefix_len, document_ids,
                       bias, alibi, softcap, sinks, return_lse, layout, out, num_threads,
                       kv_lens, block_table, num_splits):
@@ -277,6 +365,8 @@ class Kernel:
         (None: this call's kind is not reused)."""
         spec = self.spec
         torch_in = _is_torch(q)
+        if torch_in and _torch_tensor is None:
+            _note_torch()
         q_arr, k_arr, v_arr = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
         dtype = self._dtype
         for name, array in (("q", q_arr), ("k", k_arr), ("v", v_arr)):

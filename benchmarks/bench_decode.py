@@ -151,7 +151,8 @@ OVERHEAD_CALLS = 200             # back-to-back calls per timed sample
 
 def call_overhead(threads, torch) -> dict[str, float]:
     """Median seconds of one decode step over OVERHEAD_CASE: the kernel object called
-    directly, attngen.attention (which also finds the kernel), and torch SDPA."""
+    directly (on numpy arrays, and on torch tensors of the same memory), attngen.attention
+    (which also finds the kernel), and torch SDPA."""
     B, Hq, Hkv, S = OVERHEAD_CASE
     rng = np.random.default_rng(0)
     q = rng.standard_normal((B, Hq, 1, HEAD_DIM), dtype=np.float32)
@@ -165,6 +166,9 @@ def call_overhead(threads, torch) -> dict[str, float]:
     }
     if torch is not None:
         tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        tout = torch.from_numpy(out)
+        steps["attngen kernel call, torch tensors"] = lambda: kernel(
+            tq, tk, tv, causal=True, out=tout, num_threads=threads)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         steps["torch SDPA"] = lambda: sdpa(tq, tk, tv, enable_gqa=True)
 

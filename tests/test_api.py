@@ -114,6 +114,73 @@ def test_repeated_calls_reuse_the_checked_layout_with_their_own_arrays(layout, s
     assert len(kern._checked_layouts) == 2     # with and without out=/return_lse
 
 
+@pytest.mark.parametrize("dtype, layout", [("f32", "bhsd"), ("bf16", "bhsd"), ("f32", "bshd")])
+def test_repeated_torch_calls_reuse_the_checked_layout_with_their_own_tensors(dtype, layout):
+    """Tensors take the reused-layout path too (by data_ptr, strides in elements): every
+    call must read its own q, k, v, including a view that starts past its storage's first
+    element, and write its own out and lse."""
+    torch = pytest.importorskip("torch")
+    tdtype = torch.float32 if dtype == "f32" else torch.bfloat16
+    shape_q, shape_kv = ((3, 8, 1, 64), (3, 2, 40, 64)) if layout == "bhsd" else \
+        ((3, 1, 8, 64), (3, 40, 2, 64))
+    kern = attngen.get_kernel(attngen.AttentionSpec(head_dim=64, gqa=4, mask="causal",
+                                                    phase="decode", dtype=dtype))
+    kern._checked_layouts.clear()
+    out = torch.empty(shape_q[0] - 1, *shape_q[1:], dtype=tdtype)
+    tolerance = 1e-5 if dtype == "f32" else 2e-2
+    for call in range(3):
+        q, k, v = (torch.randn(*shape, dtype=tdtype)[1:]   # offset views
+                   for shape in (shape_q, shape_kv, shape_kv))
+        got, lse = kern(q, k, v, causal=True, layout=layout, return_lse=True)
+        into = kern(q, k, v, causal=True, layout=layout, out=out)
+        ref, ref_lse = attention_reference(*(x.float().numpy() for x in (q, k, v)), causal=True,
+                                           layout=layout, return_lse=True)
+        assert isinstance(got, torch.Tensor) and got.dtype == tdtype and got.shape == q.shape
+        assert np.abs(got.float().numpy() - ref).max() < tolerance
+        assert np.abs(lse.numpy() - ref_lse).max() < 1e-4
+        assert into is out and np.abs(out.float().numpy() - ref).max() < tolerance
+        found = attngen.attention(q, k, v, causal=True, layout=layout)   # spec from the tensors
+        assert np.abs(found.float().numpy() - ref).max() < tolerance
+    assert sum(key[0] == "torch" for key in kern._checked_layouts) == 3   # lse, out, plain
+
+
+def test_torch_tensors_of_other_dtypes_are_refused_by_name():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(1, 2, 1, 32) for _ in range(3))
+    attngen.attention(q, k, v, causal=True)
+    with pytest.raises(TypeError, match="q must be one of .*got float64"):
+        attngen.attention(q.double(), k, v, causal=True)
+    with pytest.raises(TypeError, match="k must be float32 for this kernel"):
+        attngen.attention(q, k.double(), v, causal=True)
+
+
+def test_torch_lengths_are_checked_when_a_layout_is_reused():
+    torch = pytest.importorskip("torch")
+    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 16, 32), torch.randn(2, 2, 16, 32)
+    kern = attngen.get_kernel(attngen.AttentionSpec(head_dim=32, gqa=2, mask="causal",
+                                                    phase="decode"))
+    for _ in range(2):
+        kern(q, k, v, causal=True, kv_lens=torch.tensor([16, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_lens must be <= the cache capacity 16, got max 17"):
+        kern(q, k, v, causal=True, kv_lens=torch.tensor([17, 3], dtype=torch.int32))
+    lens = torch.tensor([7, 12], dtype=torch.int32)
+    got = kern(q, k, v, causal=True, kv_lens=lens)
+    ref = attention_reference(q.numpy(), k.numpy(), v.numpy(), causal=True, kv_lens=[7, 12])
+    assert np.abs(got.numpy() - ref).max() < 1e-5
+
+
+def test_a_remembered_torch_layout_is_not_reused_for_other_strides():
+    torch = pytest.importorskip("torch")
+    kern = attngen.get_kernel(attngen.AttentionSpec(head_dim=32, gqa=1, mask="causal"))
+    qkv = torch.randn(1, 3, 4, 16, 32)
+    dense = [qkv[:, i].contiguous() for i in range(3)]
+    for _ in range(2):
+        kern(*dense, causal=True)
+    got = kern(qkv[:, 0], qkv[:, 1], qkv[:, 2], causal=True)
+    ref = attention_reference(*(x.numpy() for x in dense), causal=True)
+    assert np.abs(got.numpy() - ref).max() < 1e-5
+
+
 def test_a_remembered_layout_is_not_reused_for_other_strides():
     """A strided view with the same shape as an earlier dense call is read where it lies."""
     kern = attngen.get_kernel(attngen.AttentionSpec(head_dim=32, gqa=1, mask="causal"))
