@@ -90,6 +90,14 @@ def uses_amx(spec: AttentionSpec, isa: str, tile: TileConfig) -> bool:
     return spec.phase == "decode" or (tile.rows % 16 == 0 and tile.kcols <= 8)
 
 
+def _decode_pv_pairs(spec: AttentionSpec, isa: str) -> bool:
+    """Whether decode does P.V on bf16 key pairs (pv_pairs_block): bf16 K/V rows read in
+    place on AVX512-BF16 without AMX (AMX decode, untimed that way, converts V)."""
+    params = ISA_PARAMS[isa]
+    return (spec.phase == "decode" and spec.dtype == "bf16" and params.bf16_dot
+            and not params.amx and spec.head_dim % (2 * params.vector_width) == 0)
+
+
 def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
     params = ISA_PARAMS[isa]
     vl = params.vector_width
@@ -108,8 +116,10 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
         "direct_kv": direct_kv,
         "bf16_dot": bf16_dot,
         "amx": uses_amx(spec, isa, tile),
-        # bf16 decode's P.V on vdpbf16ps over key pairs; AMX decode (untimed so) converts V.
-        "pv_pairs": bf16_dot and direct_kv and not uses_amx(spec, isa, tile),
+        "pv_pairs": _decode_pv_pairs(spec, isa),
+        # ...and scores 4 rows per vector where a group's queries fit in 16 registers: at
+        # D=256 (from L1) that ran 0.65-0.79x as fast as a vector per row and key.
+        "qk_lanes": _decode_pv_pairs(spec, isa) and spec.head_dim <= 128,
         "fold_levels": _fold_levels(vl),
         "qk_direct_rows": DECODE_QK_ROWS,
         "qk_kvecs": 16 if vl == 16 else 8,   # K vectors in registers: half the register file
@@ -126,7 +136,7 @@ def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
     AVX-512 that divisor may reach 8 (a GQA-8 group's V rows loaded once: 1.1x faster at
     65536 keys than blocks of 4), and up to 4 rows take 8 output vectors per P.V pass (a
     D=128 V row is loaded once): 5-8% faster at 65536 keys (`attngen tune`, decode d128 g4,
-    f32 and bf16)."""
+    f32 and bf16), except bf16 key-pair P.V of 3-4 rows (below)."""
     tile = DEFAULT_TILES[isa]
     if spec.phase == "prefill" and uses_amx(spec, isa, AMX_TILE):
         return AMX_TILE
@@ -134,7 +144,10 @@ def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
         wide_isa = ISA_PARAMS[isa].vector_width == 16
         most = 8 if wide_isa else tile.rows
         rows = max(r for r in range(1, most + 1) if spec.gqa % r == 0)
-        wide = rows <= 2 or (wide_isa and rows <= 4)
+        # bf16 key-pair P.V keeps 4 rows x 8 vectors in registers only by spilling: 4 vectors
+        # a pass ran 1.02-1.08x faster on caches in L2/L3 (no change from memory).
+        pairs = rows > 2 and _decode_pv_pairs(spec, isa)
+        wide = rows <= 2 or (wide_isa and rows <= 4 and not pairs)
         tile = TileConfig(rows, tile.kcols, 8 if wide else tile.pv_chunk, tile.prefill_rows)
     return tile
 

@@ -33,6 +33,8 @@
 #define AMX_DECODE 0   /* decode scores K in place on AMX tiles */
 /* bf16 decode's P.V on key pairs (pv_pairs_block); AMX decode, untimed that way, keeps float V. */
 #define PV_PAIRS 0
+/* bf16 decode scores 4 query rows per vector (qk_lanes_block) where its rows come in fours. */
+#define QK_LANES 0
 #define PAGED_KV 1
 /* Keys ahead that decode prefetches (see locate_kv_rows). */
 #define PREFETCH_KEYS 64
@@ -283,6 +285,7 @@ typedef struct {
     uint32_t *vt2;            /* BF16_DOT: [BK/2][DP] V tile, one key-pair per column */
     uint32_t *p2;             /* BF16_DOT, PV_PAIRS: [rows_pad][BK/2] probabilities as bf16 pairs */
     uint32_t *qt2;            /* AMX decode: per 16 rows, [DP/2][16] query pairs, transposed */
+    uint32_t *q4;             /* QK_LANES: per 4 rows, [DP/8][4 rows][4] query pairs (see qk_lanes_block) */
     float *ct;                /* AMX decode: [16][16] scores, key-major */
     elem_t *kcopy;            /* AMX decode: [16][DP] K rows that do not lie evenly strided */
     /* Prefill: the query rows this thread works on next (GQA heads of kv head ahead_hkv,
@@ -342,6 +345,7 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     size_t p2 = reserve(&used, packed_bf16 || PV_PAIRS ? sizeof(uint32_t) * pad * (BK / 2) : 0);
     size_t pad16 = (size_t)((max_rows + 15) / 16 * 16);
     size_t qt2 = reserve(&used, AMX_DECODE ? sizeof(uint32_t) * pad16 * (DP / 2) : 0);
+    size_t q4 = reserve(&used, QK_LANES ? sizeof(uint32_t) * ((pad + 3) / 4 * 4) * (DP / 2) : 0);
     size_t ct = reserve(&used, AMX_DECODE ? sizeof(float) * 16 * 16 : 0);
     size_t kcopy = reserve(&used, AMX_DECODE ? sizeof(elem_t) * 16 * DP : 0);
     memset(st, 0, sizeof *st);
@@ -364,6 +368,7 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
     st->vt2 = packed_bf16 ? (uint32_t *)(block + vt2) : NULL;
     st->p2 = packed_bf16 || PV_PAIRS ? (uint32_t *)(block + p2) : NULL;
     st->qt2 = AMX_DECODE ? (uint32_t *)(block + qt2) : NULL;
+    st->q4 = QK_LANES ? (uint32_t *)(block + q4) : NULL;
     st->ct = AMX_DECODE ? (float *)(block + ct) : NULL;
     st->kcopy = AMX_DECODE ? (elem_t *)(block + kcopy) : NULL;
     return ATTNGEN_OK;
@@ -409,6 +414,11 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
         for (int64_t r = 0; r < (st->rows + 15) / 16 * 16; r++)
             for (int dp = 0; dp < DP / 2; dp++)
                 st->qt2[(r / 16) * (DP / 2) * 16 + dp * 16 + r % 16] =
+                    r < st->rows ? st->q2[r * (DP / 2) + dp] : 0;
+    if (QK_LANES)   /* padding rows 0 */
+        for (int64_t r = 0; r < (st->rows_pad + 3) / 4 * 4; r++)
+            for (int dp = 0; dp < DP / 2; dp++)
+                st->q4[((r / 4) * (DP / 8) + dp / 4) * 16 + (r % 4) * 4 + dp % 4] =
                     r < st->rows ? st->q2[r * (DP / 2) + dp] : 0;
 }
 
