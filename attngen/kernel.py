@@ -83,26 +83,35 @@ def _is_torch(x) -> bool:
 
 # torch.Tensor and the torch dtype of each spec dtype, once a call has brought torch in (the
 # reused-layout path for tensors compares types against them without importing torch).
-_torch_tensor = None
+_torch_tensor = _torch_strided = None
 _torch_dtypes: dict = {}
 _torch_spec_dtypes: dict = {}
 
 
 def _note_torch() -> None:
-    global _torch_tensor
+    global _torch_tensor, _torch_strided
     import torch
 
     _torch_dtypes.update(f32=torch.float32, bf16=torch.bfloat16, f16=torch.float16,
                          int32=torch.int32)
     _torch_spec_dtypes.update({torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"})
-    _torch_dtypes["strided"] = torch.strided
+    _torch_strided = torch.strided
     _torch_tensor = torch.Tensor
+
+
+def _options_key(layout, scale, causal, window, prefix_len, softcap, return_lse, num_threads,
+                 num_splits) -> tuple:
+    """The part of a reused layout's key that the call options make; types too, so that
+    True and 1 (which the checks treat differently) do not share a layout."""
+    return (layout, scale, type(scale), causal, type(causal), window, type(window), prefix_len,
+            type(prefix_len), softcap, return_lse, num_threads, type(num_threads), num_splits,
+            type(num_splits))
 
 
 def _torch_int32_ptr(x):
     """A dense CPU int32 tensor's address (a reused call's kv_lens or block_table), else None."""
     if type(x) is not _torch_tensor or x.dtype is not _torch_dtypes["int32"] or not x.is_cpu \
-            or x.layout is not _torch_dtypes["strided"] or not x.is_contiguous():
+            or x.layout is not _torch_strided or not x.is_contiguous():
         return None
     return ffi.cast(_CTYPES["const int32_t *"], x.data_ptr())
 
@@ -261,10 +270,9 @@ class Kernel:
             key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
                    None if out is None else (out.shape, out.strides),
                    None if kv_lens is None else kv_lens.shape,
-                   None if block_table is None else block_table.shape, layout, scale,
-                   type(scale), causal, type(causal), window, type(window), prefix_len,
-                   type(prefix_len), softcap, return_lse, num_threads, type(num_threads),
-                   num_splits, type(num_splits))
+                   None if block_table is None else block_table.shape,
+                   *_options_key(layout, scale, causal, window, prefix_len, softcap,
+                                 return_lse, num_threads, num_splits))
             try:
                 checked = self._checked_layouts.get(key)
             except TypeError:   # an unhashable argument: the full checks will say what is wrong
@@ -310,7 +318,7 @@ class Kernel:
         result), result None where the checked way must run, key where it may remember
         the layout. Going through numpy views and every check cost 25-50 us a call. Strides
         are in elements, and data_ptr() is the first element's address for any strides."""
-        tdtype, strided = _torch_dtypes[self.spec.dtype], _torch_dtypes["strided"]
+        tdtype, strided = _torch_dtypes[self.spec.dtype], _torch_strided
         if not (q.dtype is tdtype and k.dtype is tdtype and v.dtype is tdtype
                 and q.is_cpu and k.is_cpu and v.is_cpu
                 and q.layout is strided and k.layout is strided and v.layout is strided
@@ -330,10 +338,9 @@ class Kernel:
         key = ("torch", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
                None if out is None else (out.shape, out.stride()),
                None if kv_lens is None else kv_lens.shape,
-               None if block_table is None else block_table.shape, layout, scale, type(scale),
-               causal, type(causal), window, type(window), prefix_len, type(prefix_len),
-               softcap, return_lse, num_threads, type(num_threads), num_splits,
-               type(num_splits))
+               None if block_table is None else block_table.shape,
+               *_options_key(layout, scale, causal, window, prefix_len, softcap, return_lse,
+                             num_threads, num_splits))
         try:
             checked = self._checked_layouts.get(key)
         except TypeError:   # an unhashable argument: the full checks will say what is wrong

@@ -105,6 +105,7 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
     # decode reads K/V rows in place when rows are whole vectors (of bf16 pairs, with the
     # bf16 dot product); otherwise it packs tiles like prefill.
     direct_kv = spec.phase == "decode" and spec.head_dim % (2 * vl if bf16_dot else vl) == 0
+    pv_pairs = _decode_pv_pairs(spec, isa)
     return {
         "spec": spec,
         "version": __version__,
@@ -116,10 +117,10 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
         "direct_kv": direct_kv,
         "bf16_dot": bf16_dot,
         "amx": uses_amx(spec, isa, tile),
-        "pv_pairs": _decode_pv_pairs(spec, isa),
+        "pv_pairs": pv_pairs,
         # ...and scores 4 rows per vector where a group's queries fit in 16 registers: at
         # D=256 (from L1) that ran 0.65-0.79x as fast as a vector per row and key.
-        "qk_lanes": _decode_pv_pairs(spec, isa) and spec.head_dim <= 128,
+        "qk_lanes": pv_pairs and spec.head_dim <= 128,
         "fold_levels": _fold_levels(vl),
         "qk_direct_rows": DECODE_QK_ROWS,
         "qk_kvecs": 16 if vl == 16 else 8,   # K vectors in registers: half the register file
