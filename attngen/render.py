@@ -15,16 +15,17 @@ class IsaParams:
     """What a template needs to know about the instruction set: register shape, not flags."""
     name: str
     vector_width: int        # floats per vector register
+    registers: int           # vector registers
     bf16_dot: bool = False   # AVX512-BF16 dot products (vdpbf16ps) for bf16
     amx: bool = False        # AMX-BF16 tile multiplies (tdpbf16ps) for bf16 prefill
 
 
 ISA_PARAMS = {
-    "amx": IsaParams("amx", 16, bf16_dot=True, amx=True),
-    "avx512bf16": IsaParams("avx512bf16", 16, bf16_dot=True),
-    "avx512": IsaParams("avx512", 16),
-    "avx2": IsaParams("avx2", 8),
-    "generic": IsaParams("generic", 4),
+    "amx": IsaParams("amx", 16, 32, bf16_dot=True, amx=True),
+    "avx512bf16": IsaParams("avx512bf16", 16, 32, bf16_dot=True),
+    "avx512": IsaParams("avx512", 16, 32),
+    "avx2": IsaParams("avx2", 8, 16),
+    "generic": IsaParams("generic", 4, 16),
 }
 
 
@@ -47,12 +48,14 @@ class TileConfig:
 # won a sweep on causal, softcap D=256 and D=64 prefill on a Zen 5 (benchmarks/RESULTS.md);
 # a prefill item's Q, O and score blocks stay in L2. Items of 256 rows beat 128, 192 and 384
 # by 2-4% on causal D=128 at S=2048 and 4096 once V was read in place (fewer K tiles packed
-# per row; more causal waste only from 384 rows).
+# per row; more causal waste only from 384 rows). On AVX2 (a Zen 3), 6 rows (Q.K^T in two
+# passes of 2 key vectors, see qk_cols) and P.V blocks of 6 x 2 ran 1.07-1.22x faster than
+# 2 x 4 blocks on causal D=64-256 prefill in fp32 and bf16, S=2048-4096 (even at S=512).
 DEFAULT_TILES = {
     "amx": TileConfig(6, 4, 4, 256),
     "avx512bf16": TileConfig(6, 4, 4, 256),
     "avx512": TileConfig(6, 4, 4, 256),
-    "avx2": TileConfig(2, 4, 4, 128),
+    "avx2": TileConfig(6, 4, 2, 240),
     "generic": TileConfig(2, 4, 4, 128),
 }
 # bf16 prefill on AMX: both matmuls on 16-row tiles (tdpbf16ps), so row blocks of 16. Tiles
@@ -98,6 +101,14 @@ def _decode_pv_pairs(spec: AttentionSpec, isa: str) -> bool:
             and not params.amx and spec.head_dim % (2 * params.vector_width) == 0)
 
 
+def qk_cols(tile: TileConfig, isa: str) -> int:
+    """Key vectors per pass of the packed-tile Q.K^T micro-kernel: rows x cols accumulators
+    leave 4 registers for K vectors and the query broadcast. On AVX2, 6 rows x 2 vectors in
+    two passes over a 32-key tile beat the 2 x 4 block of one pass by 1.1x (fp32 causal
+    prefill, D=128) where 16-key tiles of 6 x 2 gained less (more softmax steps per key)."""
+    return max(1, min(tile.kcols, (ISA_PARAMS[isa].registers - 4) // tile.rows))
+
+
 def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
     params = ISA_PARAMS[isa]
     vl = params.vector_width
@@ -123,6 +134,7 @@ def template_context(spec: AttentionSpec, isa: str, tile: TileConfig) -> dict:
         "qk_lanes": pv_pairs and spec.head_dim <= 128,
         "fold_levels": _fold_levels(vl),
         "qk_direct_rows": DECODE_QK_ROWS,
+        "qk_cols": qk_cols(tile, isa),
         "qk_kvecs": 16 if vl == 16 else 8,   # K vectors in registers: half the register file
         # Keys whose rows decode prefetches ahead: about 16 KiB of each of K and V in flight.
         # (0: none, left to the hardware prefetchers).
@@ -143,13 +155,18 @@ def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
         return AMX_TILE
     if spec.phase == "decode":
         wide_isa = ISA_PARAMS[isa].vector_width == 16
-        most = 8 if wide_isa else tile.rows
-        rows = max(r for r in range(1, most + 1) if spec.gqa % r == 0)
-        # bf16 key-pair P.V keeps 4 rows x 8 vectors in registers only by spilling: 4 vectors
-        # a pass ran 1.02-1.08x faster on caches in L2/L3 (no change from memory).
-        pairs = rows > 2 and _decode_pv_pairs(spec, isa)
-        wide = rows <= 2 or (wide_isa and rows <= 4 and not pairs)
-        tile = TileConfig(rows, tile.kcols, 8 if wide else tile.pv_chunk, tile.prefill_rows)
+        rows = max(r for r in range(1, (8 if wide_isa else 4) + 1) if spec.gqa % r == 0)
+        if wide_isa:
+            # bf16 key-pair P.V keeps 4 rows x 8 vectors in registers only by spilling: 4
+            # vectors a pass ran 1.02-1.08x faster on caches in L2/L3 (no change from memory).
+            pairs = rows > 2 and _decode_pv_pairs(spec, isa)
+            chunk = 8 if rows <= 2 or (rows <= 4 and not pairs) else tile.pv_chunk
+        else:
+            # 16 registers: at most 8 accumulators. A GQA-4 group in one block of 4 rows x 2
+            # vectors beat 2 blocks of 2 x 8 (spilled) by 1.15-1.2x on caches in L3 and
+            # 1.0-1.2x from memory (AVX2, d128, fp32 and bf16).
+            chunk = {1: 8, 2: 4}.get(rows, 2)
+        tile = TileConfig(rows, tile.kcols, chunk, tile.prefill_rows)
     return tile
 
 

@@ -20,6 +20,7 @@
 #define BK (KCOLS * VL)                          /* keys per K/V tile */
 #define ROWS 6                      /* query rows per micro-kernel block */
 #define PV_CHUNK 4              /* output vectors per P.V block */
+#define QK_COLS 4                    /* key vectors per Q.K^T micro-kernel pass */
 #define QK_DIRECT_ROWS 8        /* query rows sharing each K row load while scoring in place */
 #define QK_KVECS 16              /* K vectors held in registers while scoring in place */
 /* Read K/V rows in place instead of packing tiles: pays when few query rows share a tile
@@ -562,10 +563,17 @@ static void locate_kv_rows(const attngen_params *p, tile_state *st, int64_t b, i
  * (5-7% of a fp32 decode at 16k-64k keys). Into L2, not L1: a prefetch into L1 holds one of
  * the core's few L1 miss buffers until its line arrives (fp32 decode at 65536 keys 1.22x,
  * bf16 1.13x faster on a Xeon with 2 MiB of L2 per core). */
-INLINE void prefetch_row_part(const elem_t *row, int part, int parts)
+typedef struct { int first, end; } line_share;   /* cache lines [first, end) of a row */
+INLINE line_share row_share(int part, int parts)
 {
     const int lines = PREFETCH_KEYS ? (HEAD_DIM * (int)sizeof(elem_t) + 63) / 64 : 0;
-    for (int line = lines * part / parts; line < lines * (part + 1) / parts; line++)
+    return (line_share){ lines * part / parts, lines * (part + 1) / parts };
+}
+/* Callers take their share once per block: gcc left its two divisions in the per-key
+ * loops of AVX2 P.V (hoisting them: 1.00-1.04x). */
+INLINE void prefetch_row_part(const elem_t *row, line_share share)
+{
+    for (int line = share.first; line < share.end; line++)
         __builtin_prefetch((const char *)row + 64 * line, 0, 2);
 }
 
@@ -689,19 +697,22 @@ INLINE void prefetch_ahead(const attngen_params *p, const tile_state *st, int64_
 INLINE void qk_block_cols(const float *restrict q, const float *restrict kt, float *restrict s,
                           const int kc)
 {
-    vf acc[ROWS][KCOLS];
-    for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < kc; c++) acc[r][c] = vbroadcast(0.0f);
-    for (int d = 0; d < HEAD_DIM; d++) {
-        vf kvec[KCOLS];
-        for (int c = 0; c < kc; c++) kvec[c] = vload(kt + d * BK + c * VL);
-        for (int r = 0; r < ROWS; r++) {
-            vf qv = vbroadcast(q[r * DP + d]);
-            for (int c = 0; c < kc; c++) acc[r][c] += qv * kvec[c];
+    for (int c0 = 0; c0 < kc; c0 += QK_COLS) {
+        const int nc = kc - c0 < QK_COLS ? kc - c0 : QK_COLS;
+        vf acc[ROWS][QK_COLS];
+        for (int r = 0; r < ROWS; r++)
+            for (int c = 0; c < nc; c++) acc[r][c] = vbroadcast(0.0f);
+        for (int d = 0; d < HEAD_DIM; d++) {
+            vf kvec[QK_COLS];
+            for (int c = 0; c < nc; c++) kvec[c] = vload(kt + d * BK + (c0 + c) * VL);
+            for (int r = 0; r < ROWS; r++) {
+                vf qv = vbroadcast(q[r * DP + d]);
+                for (int c = 0; c < nc; c++) acc[r][c] += qv * kvec[c];
+            }
         }
+        for (int r = 0; r < ROWS; r++)
+            for (int c = 0; c < nc; c++) vstore(s + r * BK + (c0 + c) * VL, acc[r][c]);
     }
-    for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < kc; c++) vstore(s + r * BK + c * VL, acc[r][c]);
 }
 
 /* Horizontal sums (maxima) of VL vectors at once: lane i of the result is the sum (max) of
@@ -783,8 +794,10 @@ INLINE vf transpose_max(vf v[VL])
 
 /* o[r][cols] += sum_j p[r][j] * v_j[cols] over the tile's first nk keys (padding keys have
  * p = 0: skipping them saves a short decode most of its P.V work), for ROWS rows and NC
- * vectors from column c0, V rows from st. DIRECT_KV: row block `part` of `parts` also
- * prefetches its share of the V rows ahead, and on AMX of the K rows too: AMX scores a
+ * vectors from column c0, V rows from st. DIRECT_KV: pass `part` of `parts` (row blocks
+ * times column passes) also prefetches its share of the V rows ahead, so that a block of
+ * all a group's rows, taking 8 passes over a tile on AVX2, does not prefetch in a burst
+ * (fp32 decode d128 g4 from memory 1.1x slower that way); on AMX of the K rows too: AMX scores a
  * tile's keys in a short burst, so K prefetched there would go out in bursts (spread here:
  * bf16 decode d128 g4 1.00-1.06x, MQA 1.07-1.11x). Each 16-key tile load of K starts a new
  * 4 KiB page, where the hardware prefetchers start over: without this, caches streamed in
@@ -792,12 +805,13 @@ INLINE vf transpose_max(vf v[VL])
 INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *restrict prob,
                           int part, int parts, int64_t nk, int c0, const int nc)
 {
+    const line_share share = row_share(part, parts);
     vf acc[ROWS][PV_CHUNK];
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = vload(o + r * DP + (c0 + c) * VL);
     for (int64_t j = 0; j < nk; j++) {
-        if (DIRECT_KV && c0 == 0) prefetch_row_part(st->vahead[j], part, parts);
-        if (AMX_DECODE && c0 == 0) prefetch_row_part(st->kahead[j], part, parts);
+        if (DIRECT_KV) prefetch_row_part(st->vahead[j], share);
+        if (AMX_DECODE) prefetch_row_part(st->kahead[j], share);
         vf vvec[PV_CHUNK];
         for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(st->vrows[j] + (c0 + c) * VL);
         for (int r = 0; r < ROWS; r++) {
@@ -812,10 +826,11 @@ INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *
 INLINE void pv_block(const tile_state *st, float *restrict o, const float *restrict prob,
                      int part, int parts, int64_t nk)
 {
-    int c0 = 0;
+    enum { PASSES = DVEC / PV_CHUNK + DVEC % PV_CHUNK };
+    int c0 = 0, pass = part * PASSES;
     for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK)
-        pv_block_cols(st, o, prob, part, parts, nk, c0, PV_CHUNK);
-    for (; c0 < DVEC; c0++) pv_block_cols(st, o, prob, part, parts, nk, c0, 1);
+        pv_block_cols(st, o, prob, pass++, parts * PASSES, nk, c0, PV_CHUNK);
+    for (; c0 < DVEC; c0++) pv_block_cols(st, o, prob, pass++, parts * PASSES, nk, c0, 1);
 }
 
 /* Scale row r's unnormalised output by alpha = exp(old max - new max). */
@@ -846,12 +861,13 @@ INLINE void softmax_row_update(tile_state *st, int64_t r)
         vstore(s + c * VL, e);
         sum += e;
     }
-    if (m_old != m_new) {
-        float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-        st->l[r] *= alpha;
-        rescale_output_row(st, r, alpha);
-    }
-    st->l[r] += vreduce_add(sum);
+    /* A lane of softmax_group_update's arithmetic (vexp, not expf; the same sum order), so
+     * that a row's result does not depend on the path its block takes: which rows form
+     * groups moves with the query blocks, and those with the thread count. */
+    vf alpha = vexp(vbroadcast(m_old - m_new));   /* 0 before the first visible key */
+    vf l = vbroadcast(st->l[r]) * alpha + vbroadcast(vreduce_add(sum));
+    st->l[r] = l[0];
+    if (alpha[0] != 1.0f) rescale_output_row(st, r, alpha[0]);
     st->m[r] = m_new;
 }
 

@@ -67,15 +67,17 @@ def test_tune_command(fresh_cache, monkeypatch):
 @pytest.mark.parametrize("gqa", [1, 2, 3, 4, 7, 8, 16, 32])
 def test_decode_default_rows_divide_the_group(gqa):
     """One decode token's rows are its GQA group: the micro-kernel block must divide it, so
-    no block computes padding rows. AVX-512 blocks up to 8 rows, the others no more than
-    their prefill blocks."""
+    no block computes padding rows. AVX-512 blocks up to 8 rows, the 16-register ISAs up to
+    4, whose P.V accumulators (rows x output vectors) then fit in 8 registers."""
     from attngen.render import DEFAULT_TILES, ISA_PARAMS, default_tile
 
     for isa in DEFAULT_TILES:
         tile = default_tile(attngen.AttentionSpec(64, gqa, "causal", phase="decode"), isa)
-        most = 8 if ISA_PARAMS[isa].vector_width == 16 else DEFAULT_TILES[isa].rows
+        most = 8 if ISA_PARAMS[isa].vector_width == 16 else 4
         assert gqa % tile.rows == 0 and tile.rows <= most
         assert tile.rows == max(r for r in range(1, most + 1) if gqa % r == 0)
+        if ISA_PARAMS[isa].registers == 16:
+            assert tile.rows * tile.pv_chunk <= 8
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
