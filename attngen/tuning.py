@@ -27,7 +27,7 @@ TUNING_NAME = "tuning.json"
 CANDIDATES = {
     "avx512bf16": [TileConfig(6, 4, 4, 256), TileConfig(4, 4, 4, 128), TileConfig(6, 4, 4, 192),
                    TileConfig(6, 3, 4, 192), TileConfig(8, 3, 3, 256), TileConfig(8, 2, 2, 128)],
-    "avx2": [TileConfig(6, 4, 2, 240), TileConfig(6, 4, 2, 120), TileConfig(6, 2, 2, 120),
+    "avx2": [TileConfig(6, 4, 2, 256), TileConfig(6, 4, 2, 128), TileConfig(6, 2, 2, 120),
              TileConfig(2, 4, 4, 128), TileConfig(3, 3, 3, 128)],
 }
 CANDIDATES["avx512"] = CANDIDATES["amx"] = CANDIDATES["avx512bf16"]
