@@ -166,7 +166,7 @@ def default_tile(spec: AttentionSpec, isa: str) -> TileConfig:
             # 16 registers: at most 8 accumulators. A GQA-4 group in one block of 4 rows x 2
             # vectors beat 2 blocks of 2 x 8 (spilled) by 1.15-1.2x on caches in L3 and
             # 1.0-1.2x from memory (AVX2, d128, fp32 and bf16).
-            chunk = {1: 8, 2: 4}.get(rows, 2)
+            chunk = 8 // rows
         tile = TileConfig(rows, tile.kcols, chunk, tile.prefill_rows)
     return tile
 

@@ -724,11 +724,13 @@ INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *
 INLINE void pv_block(const tile_state *st, float *restrict o, const float *restrict prob,
                      int part, int parts, int64_t nk)
 {
-    enum { PASSES = DVEC / PV_CHUNK + DVEC % PV_CHUNK };
-    int c0 = 0, pass = part * PASSES;
-    for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK)
-        pv_block_cols(st, o, prob, pass++, parts * PASSES, nk, c0, PV_CHUNK);
-    for (; c0 < DVEC; c0++) pv_block_cols(st, o, prob, pass++, parts * PASSES, nk, c0, 1);
+    /* Each call prefetches its share of the V rows, as in pv_pairs_block. */
+    const int calls = DVEC / PV_CHUNK + DVEC % PV_CHUNK;
+    int c0 = 0, call = 0;
+    for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK, call++)
+        pv_block_cols(st, o, prob, part * calls + call, parts * calls, nk, c0, PV_CHUNK);
+    for (; c0 < DVEC; c0++, call++)
+        pv_block_cols(st, o, prob, part * calls + call, parts * calls, nk, c0, 1);
 }
 
 /* Scale row r's unnormalised output by alpha = exp(old max - new max). */
