@@ -26,6 +26,10 @@
 /* Read K/V rows in place instead of packing tiles: pays when few query rows share a tile
  * (decode); needs whole vectors per row. */
 #define DIRECT_KV 0
+/* bf16 K/V rows read in place as word pairs (load_elems_split): decode's q and o rows hold
+ * each 2 * VL dimensions as the even ones, then the odd ones. */
+#define SPLIT_BF16 0
+#define KV_STEP (SPLIT_BF16 ? 2 : 1)             /* vectors per load of a K/V row read in place */
 /* Packed (prefill) tiles read float32 V rows where they lie when they are whole vectors. */
 #define V_IN_PLACE 1
 /* bf16 prefill on AVX512-BF16: both matmuls on bf16 pairs with vdpbf16ps (two multiply-adds
@@ -393,6 +397,13 @@ static int tile_state_alloc(tile_state *st, int64_t max_rows)
 INLINE int64_t row_head(int64_t hkv, int64_t r) { return hkv * GQA + r % GQA; }
 INLINE int64_t row_query(int64_t q0, int64_t r) { return q0 + r / GQA; }
 
+/* Where dimension d of a q or o row is held (SPLIT_BF16: even dimensions of each 2 * VL
+ * first, then the odd ones). */
+INLINE int split_position(int d)
+{
+    return SPLIT_BF16 ? d / (2 * VL) * (2 * VL) + d % 2 * VL + d % (2 * VL) / 2 : d;
+}
+
 /* Load queries [q0, q0 + nq) of every head of kv head hkv's group; reset the softmax state.
  * qpos_base is the position of query 0 (kv_len - seq_q: bottom-right aligned). */
 static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, int64_t hkv,
@@ -422,7 +433,7 @@ static void load_query_rows(const attngen_params *p, tile_state *st, int64_t b, 
              * 4% of a D=64 documents prefill). */
             memcpy(st->q2 + r * (DP / 2), src, sizeof(elem_t) * HEAD_DIM);
         } else {
-            for (int d = 0; d < HEAD_DIM; d++) dst[d] = elem_to_float(src[d]) * scale;
+            for (int d = 0; d < HEAD_DIM; d++) dst[split_position(d)] = elem_to_float(src[d]) * scale;
         }
     }
     if (AMX_DECODE)   /* B tiles of Q^T pairs, 16 rows per tile column block, padding rows 0 */
@@ -739,12 +750,12 @@ INLINE void pv_block(const tile_state *st, float *restrict o, const float *restr
                      int part, int parts, int64_t nk)
 {
     /* Each call prefetches its share of the V rows, as in pv_pairs_block. */
-    const int calls = DVEC / PV_CHUNK + DVEC % PV_CHUNK;
+    const int calls = DVEC / PV_CHUNK + DVEC % PV_CHUNK / KV_STEP;
     int c0 = 0, call = 0;
     for (; c0 + PV_CHUNK <= DVEC; c0 += PV_CHUNK, call++)
         pv_block_cols(st, o, prob, part * calls + call, parts * calls, nk, c0, PV_CHUNK);
-    for (; c0 < DVEC; c0++, call++)
-        pv_block_cols(st, o, prob, part * calls + call, parts * calls, nk, c0, 1);
+    for (; c0 < DVEC; c0 += KV_STEP, call++)
+        pv_block_cols(st, o, prob, part * calls + call, parts * calls, nk, c0, KV_STEP);
 }
 
 /* Scale row r's unnormalised output by alpha = exp(old max - new max). */

@@ -73,3 +73,26 @@ def test_amx_only_where_tiles_fit():
                  AttentionSpec(40, 2, "causal", dtype="bf16", phase="decode"),
                  AttentionSpec(128, 4, "causal"), AttentionSpec(128, 4, "causal", dtype="f16")):
         assert "_tile_dpbf16ps" not in render(spec, "amx"), spec.slug
+
+
+SPLIT_SPECS = [AttentionSpec(head_dim=d, gqa=g, mask="causal", dtype="bf16", phase="decode", **extra)
+               for d, g, extra in ((48, 2, {}), (80, 3, {}), (128, 4, {"kv_layout": "paged"}))]
+
+
+@pytest.mark.skipif(toolchain.ISA_RANK["avx2"] > toolchain.ISA_RANK[toolchain.detect().isa],
+                    reason="this CPU has no AVX2")
+@pytest.mark.parametrize("spec", SPLIT_SPECS, ids=lambda s: s.slug)
+def test_avx2_bf16_decode_word_pairs(spec, monkeypatch, empty_kernel_memo):
+    """AVX2 bf16 decode reads K/V rows as word pairs (even and odd dimensions) where the head
+    size is whole 16-dimension words, P.V passes of 2 or 4 vectors (D=48: a pass of 4, then
+    one of 2), and several queries per sequence; D=40 and AVX-512 keep plain loads."""
+    from attngen.render import render
+
+    assert "#define SPLIT_BF16 1" in render(spec, "avx2")
+    assert "#define SPLIT_BF16 0" in render(AttentionSpec(40, 2, "causal", dtype="bf16", phase="decode"), "avx2")
+    assert "#define SPLIT_BF16 0" in render(spec, "avx512bf16")
+    assert "#define SPLIT_BF16 0" in render(spec, "avx512")
+    monkeypatch.setenv("ATTNGEN_ISA", "avx2")
+    k = kernel.get_kernel(spec)
+    assert check_spec(spec, k) <= TOLERANCE["bf16"]
+    assert check_spec(spec, k, seq_q=3) <= TOLERANCE["bf16"]
