@@ -1055,6 +1055,10 @@ static int run(const attngen_params *p)
             }
             load_query_rows(p, &st, b, hkv, q0, nq, qpos_base);
             key_range(p, q_first, q_last, kv_len, &k_lo, &k_hi);
+            /* Tiles on one grid for every item: the window's range starts with the item's
+             * first row, so tiles moved with the blocking (and so with the thread count)
+             * and a row summed its keys in another order. */
+            k_lo -= k_lo % BK;
             attend_key_range(p, &st, b, hkv, 1, q_first, q_last, k_lo, k_hi);
             for (int64_t r = 0; r < st.rows; r++)
                 store_row(p, b, st.row_head[r], st.row_qi[r], st.row_qpos[r], kv_len, st.m[r],
