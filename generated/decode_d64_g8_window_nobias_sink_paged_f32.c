@@ -96,6 +96,12 @@ INLINE void store_elems(elem_t *p, vf x) { *(vf_unaligned *)p = x; }
 /* K/V rows are read as stored (DIRECT_KV) or from this thread's packed float tile. */
 typedef elem_t kvrow_t;
 INLINE vf load_kvrow(const kvrow_t *p) { return load_elems(p); }
+/* Vectors c to c + KV_STEP of a K or V row (SPLIT_BF16: its even dimensions, then its odd
+ * ones). */
+INLINE void load_kv_vectors(const kvrow_t *row, int c, vf x[KV_STEP])
+{
+    x[0] = load_kvrow(row + c * VL);
+}
 
 /* Horizontal max and sum by halving folds (log2 VL shuffles), not VL scalar steps. */
 INLINE float vreduce_max(vf x)
@@ -699,13 +705,6 @@ INLINE vf transpose_max(vf v[VL])
         }
     }
     return v[0];
-}
-
-/* Vectors c to c + KV_STEP of a K or V row read in place (SPLIT_BF16: its even dimensions,
- * then its odd ones). */
-INLINE void load_kv_vectors(const kvrow_t *row, int c, vf x[KV_STEP])
-{
-    x[0] = load_kvrow(row + c * VL);
 }
 
 /* Scores of rows [r0, r0 + nr) against keys [j0, j0 + VL), K rows read in place

@@ -131,6 +131,12 @@ INLINE void store_elems(elem_t *p, vf x)
 /* K/V rows are read as stored (DIRECT_KV) or from this thread's packed float tile. */
 typedef float kvrow_t;
 INLINE vf load_kvrow(const kvrow_t *p) { return vload_unaligned(p); }
+/* Vectors c to c + KV_STEP of a K or V row (SPLIT_BF16: its even dimensions, then its odd
+ * ones). */
+INLINE void load_kv_vectors(const kvrow_t *row, int c, vf x[KV_STEP])
+{
+    x[0] = load_kvrow(row + c * VL);
+}
 
 /* Horizontal max and sum by halving folds (log2 VL shuffles), not VL scalar steps. */
 INLINE float vreduce_max(vf x)
@@ -923,7 +929,7 @@ INLINE void pv_block_cols(const tile_state *st, float *restrict o, const float *
         if (DIRECT_KV) prefetch_row_part(st->vahead[j], share);
         if (AMX_DECODE) prefetch_row_part(st->kahead[j], share);
         vf vvec[PV_CHUNK];
-        for (int c = 0; c < nc; c++) vvec[c] = load_kvrow(st->vrows[j] + (c0 + c) * VL);
+        for (int c = 0; c < nc; c += KV_STEP) load_kv_vectors(st->vrows[j], c0 + c, vvec + c);
         for (int r = 0; r < ROWS; r++) {
             vf pv = vbroadcast(prob[r * BK + j]);
             for (int c = 0; c < nc; c++) acc[r][c] += pv * vvec[c];
@@ -1261,6 +1267,10 @@ static int run(const attngen_params *p)
             }
             load_query_rows(p, &st, b, hkv, q0, nq, qpos_base);
             key_range(p, q_first, q_last, kv_len, &k_lo, &k_hi);
+            /* Tiles on one grid for every item: a window's range starts with the item's
+             * first row, so its tiles would move with the blocking (and so with the thread
+             * count) and a row would sum its keys in another order. */
+            k_lo -= k_lo % BK;
             attend_key_range(p, &st, b, hkv, 1, q_first, q_last, k_lo, k_hi);
             for (int64_t r = 0; r < st.rows; r++)
                 store_row(p, b, st.row_head[r], st.row_qi[r], st.row_qpos[r], kv_len, st.m[r],
