@@ -49,7 +49,7 @@ class TileConfig:
 # Items of 256 rows beat 128, 192 and 384 by 2-4% on causal D=128 at S=2048 and 4096 once V
 # was read in place (fewer K tiles packed per row; more causal waste only from 384 rows).
 # The item size is not bound by L2: on a Zen 4 (1 MiB L2 per core) items of 512 and 1024 rows
-# ran 1.01-1.04x faster than 256 at D=64, 128 and 256, fp32 and bf16, although at D=256 their
+# ran 1.00-1.04x faster than 256 at D=64, 128 and 256, fp32 and bf16, although at D=256 their
 # Q and O blocks alone are 1-2 MiB; 128 rows ran 0.93-0.98x. Which size wins depends on the
 # CPU, so `attngen tune` times 512 as well. On AVX2 (a Zen 3), 6 rows (Q.K^T in two
 # passes of 2 key vectors, see qk_cols) and P.V blocks of 6 x 2 ran 1.07-1.22x faster than

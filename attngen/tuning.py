@@ -23,8 +23,8 @@ from .spec import AttentionSpec
 
 TUNING_NAME = "tuning.json"
 
-# A few blockings worth timing per ISA (the default first). Items of 512 rows: 1.01-1.03x
-# faster than 256 on a Zen 4 (see render.DEFAULT_TILES).
+# A few blockings worth timing per ISA (the default first; why 512-row items: see
+# render.DEFAULT_TILES).
 CANDIDATES = {
     "avx512bf16": [TileConfig(6, 4, 4, 256), TileConfig(6, 4, 4, 512), TileConfig(4, 4, 4, 128),
                    TileConfig(6, 4, 4, 192), TileConfig(6, 3, 4, 192), TileConfig(8, 3, 3, 256),
